@@ -1,0 +1,137 @@
+"""`alignflow`: the command line over the artifact store and the pipeline flows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from stages import lineage
+from stages.artifacts import ArtifactError, ArtifactStore, default_store_root
+
+
+def _fmt_metrics(metrics: dict, keys=lineage.KEY_METRICS, limit: int = 4) -> str:
+    picked = [(k, metrics[k]) for k in keys if k in metrics][:limit]
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in picked)
+
+
+def cmd_models(store: ArtifactStore, args) -> int:
+    if not args.name:
+        rows = []
+        for name in store.names():
+            history = store.versions(name)
+            if history:
+                latest = store.get(history[-1].digest, verify=False)
+                rows.append({"name": name, "versions": len(history), "kind": latest.kind,
+                             "stage": latest.stage, "latest": history[-1].version,
+                             "digest": latest.digest, "created": history[-1].created})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no models in {store.root}")
+        for r in rows if not args.json else []:
+            print(f"{r['name']:<28} {r['kind']:<10} {r['stage'] or '-':<9} "
+                  f"v{r['latest']:<4} {r['digest'][:12]}  {r['created']}")
+        return 0
+    history = store.versions(args.name)
+    if not history:
+        print(f"error: no model named '{args.name}' in {store.root}", file=sys.stderr)
+        return 1
+    rows = []
+    for v in history:
+        art = store.get(v.digest, verify=False)
+        rows.append({"version": v.version, "digest": v.digest, "created": v.created,
+                     "metrics": art.manifest.get("metrics", {}),
+                     "run_id": art.manifest.get("flow_run_id")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{args.name}@{r['version']:<4} {r['digest'][:12]}  {r['created']}  "
+              f"{_fmt_metrics(r['metrics'])}")
+    return 0
+
+
+def cmd_lineage(store: ArtifactStore, args) -> int:
+    if args.diff:
+        d = lineage.diff(store, args.ref, args.diff)
+        print(json.dumps(d, indent=2) if args.json or args.format == "json"
+              else lineage.render_diff(d, lineage.labels(store)))
+        return 0
+    g = lineage.build(store, args.ref)
+    print(lineage.RENDERERS["json" if args.json else args.format](g))
+    return 0
+
+
+def cmd_show(store: ArtifactStore, args) -> int:
+    print(json.dumps(store.get(args.ref).manifest, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_verify(store: ArtifactStore, args) -> int:
+    digests = [store.resolve(r) for r in args.refs] if args.refs else store.digests()
+    bad = 0
+    for d in digests:
+        try:
+            store.get(d)
+            print(f"ok       {d[:12]}")
+        except ArtifactError as e:
+            bad += 1
+            print(f"DAMAGED  {e}")
+    print(f"{len(digests) - bad} ok, {bad} damaged")
+    return 1 if bad else 0
+
+
+def cmd_gc(store: ArtifactStore, args) -> int:
+    removed = store.gc(older_than_s=args.older_than)
+    print(f"removed {len(removed)} abandoned staging folder(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alignflow",
+        description="Pretrain -> SFT -> RM -> PPO as Prefect flows, with versioned artifacts "
+                    "and lineage.")
+    p.add_argument("--store", default=None,
+                   help=f"artifact store root, path or fsspec URL (default: {default_store_root()})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list model names, or one model's versions")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("lineage", help="the chain from a model back to its raw data")
+    s.add_argument("ref", help="name, name@latest, name@N or a digest prefix")
+    s.add_argument("--format", choices=sorted(lineage.RENDERERS), default="text")
+    s.add_argument("--json", action="store_true", help="same as --format json")
+    s.add_argument("--diff", metavar="REF", help="compare with another model's lineage")
+    s.set_defaults(func=cmd_lineage)
+
+    s = sub.add_parser("show", help="print an artifact's manifest (verified)")
+    s.add_argument("ref")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("verify", help="check artifacts against their manifests")
+    s.add_argument("refs", nargs="*", help="default: every artifact in the store")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("gc", help="remove staging left behind by killed writers")
+    s.add_argument("--older-than", type=float, default=3600, metavar="SECONDS")
+    s.set_defaults(func=cmd_gc)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    store = ArtifactStore(args.store)
+    try:
+        return args.func(store, args)
+    except ArtifactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

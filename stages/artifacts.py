@@ -1,0 +1,489 @@
+"""Content-addressed artifact store: the single source of truth for lineage.
+
+Layout under the root (a local path or any fsspec URL):
+
+    artifacts/<digest>/manifest.json   what it is, where it came from (written last)
+    artifacts/<digest>/...             the files; digest = sha256 over their paths and hashes
+    names/<name>/<version>.json        a name's version history, one immutable file per version
+    inputs/<input_key>.json            stage inputs -> digest, so unchanged stages can be skipped
+    tmp/                               staging; never read, swept by `gc`
+
+An artifact exists once its manifest exists. On a local disk the whole directory is staged,
+fsynced and renamed into place; on object stores the manifest is uploaded after every file, so a
+writer killed at any point leaves either nothing visible or a complete artifact. Reads verify every
+file against the manifest. Nothing here is a pickle, and nothing imports torch (flows use it).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import platform
+import posixpath
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+KINDS = ("source", "corpus", "tokenizer", "dataset", "model", "adapter", "report")
+TRACKED_PACKAGES = ("alignflow", "torch", "transformers", "trl", "datasets", "tokenizers",
+                    "deepspeed", "prefect", "pyarrow", "peft", "pydantic", "fsspec")
+_CHUNK = 1 << 20
+
+
+class ArtifactError(Exception):
+    """Base for store errors; messages name the artifact and the file."""
+
+
+class NotFound(ArtifactError):
+    pass
+
+
+class DamagedArtifact(ArtifactError):
+    pass
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("ALIGNFLOW_HOME", ".alignflow")).absolute()
+
+
+def default_store_root() -> str:
+    return os.environ.get("ALIGNFLOW_STORE") or str(default_home() / "store")
+
+
+# --- hashing ------------------------------------------------------------------------------
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tree(root: str | Path) -> dict[str, dict]:
+    """{relative posix path: {sha256, size}} for every file below root except the manifest."""
+    root = Path(root)
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST:
+            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return files
+
+
+def tree_digest(files: dict[str, dict]) -> str:
+    # Paths are part of the digest: renaming a file changes the artifact.
+    canon = json.dumps({k: files[k]["sha256"] for k in sorted(files)}, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"),
+                                     default=str).encode()).hexdigest()
+
+
+# --- provenance ---------------------------------------------------------------------------
+
+def code_version(repo: str | Path | None = None) -> dict:
+    """Git commit and dirty flag of the code that produced an artifact."""
+    repo = Path(repo or Path(__file__).resolve().parent.parent)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty}
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def host_info() -> dict:
+    return {"hostname": socket.gethostname(), "platform": platform.platform(),
+            "user": getpass.getuser(), "cpus": os.cpu_count()}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --- the store ----------------------------------------------------------------------------
+
+@dataclass
+class Artifact:
+    digest: str
+    manifest: dict
+    store: "ArtifactStore"
+
+    @property
+    def short(self) -> str:
+        return self.digest[:12]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def stage(self) -> str | None:
+        return self.manifest.get("stage")
+
+    @property
+    def parents(self) -> list[dict]:
+        return self.manifest.get("parents", [])
+
+    def local_path(self) -> Path:
+        """A verified local directory with the files (downloaded first for remote stores)."""
+        return self.store.local_path(self.digest)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.short}"
+
+
+@dataclass
+class Version:
+    name: str
+    version: int
+    digest: str
+    created: str
+
+
+class ArtifactStore:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = str(root or default_store_root())
+        self.fs, self.base = fsspec.core.url_to_fs(self.root)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        if self.local:
+            self.base = str(Path(self.base).absolute())
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root!r})"
+
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.base, *parts)
+
+    def _dir(self, digest: str) -> str:
+        return self._p("artifacts", digest)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put(self, src: str | Path, *, kind: str, stage: str | None = None,
+            name: str | None = None, parents: list[dict] | None = None,
+            config: dict | None = None, datasets: dict | None = None,
+            metrics: dict | None = None, timings: dict | None = None,
+            command: list[str] | str | None = None, input_key: str | None = None,
+            extra: dict | None = None, move: bool = False) -> Artifact:
+        """Store the files of directory `src` as one artifact and register it under `name`.
+
+        parents: [{"role": "model", "digest": ...}]; every parent must already be in the store.
+        input_key: the stage inputs' digest (see `find_by_inputs`).
+        """
+        if kind not in KINDS:
+            raise ArtifactError(f"unknown artifact kind {kind!r}; allowed: {', '.join(KINDS)}")
+        src = Path(src)
+        if not src.is_dir():
+            raise ArtifactError(f"{src}: artifact source must be a directory")
+        parents = list(parents or [])
+        for p in parents:
+            self.get(p["digest"], verify=False)
+        files = hash_tree(src)
+        if not files:
+            raise ArtifactError(f"{src}: no files to store")
+        digest = tree_digest(files)
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "digest": digest, "kind": kind, "stage": stage,
+            "name": name, "files": files, "parents": parents, "config": config or {},
+            "datasets": datasets or {}, "metrics": metrics or {}, "timings": timings or {},
+            "command": command, "flow_run_id": os.environ.get("ALIGNFLOW_FLOW_RUN_ID") or None,
+            "input_key": input_key, "code": code_version(), "packages": package_versions(),
+            "host": host_info(), "created": now_iso(), **(extra or {}),
+        }
+        if not self._exists(digest):
+            self._publish(src, digest, manifest, move)
+        art = self.get(digest)
+        if name:
+            self._register(name, digest)
+        if input_key:
+            self._write_atomic(self._p("inputs", f"{input_key}.json"),
+                               json.dumps({"digest": digest, "created": now_iso()}).encode())
+        return art
+
+    def _exists(self, digest: str) -> bool:
+        return self.fs.exists(posixpath.join(self._dir(digest), MANIFEST))
+
+    def _publish(self, src: Path, digest: str, manifest: dict, move: bool) -> None:
+        body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        final = self._dir(digest)
+        if self.local:
+            stage = Path(self._p("tmp", f"{digest[:12]}-{uuid.uuid4().hex[:8]}"))
+            stage.parent.mkdir(parents=True, exist_ok=True)
+            if move and os.stat(src).st_dev == os.stat(stage.parent).st_dev:
+                os.rename(src, stage)
+            else:
+                shutil.copytree(src, stage)
+            (stage / MANIFEST).write_bytes(body)
+            _fsync_tree(stage)
+            Path(final).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(stage, final)
+            except OSError:  # a concurrent writer published the same content first
+                shutil.rmtree(stage, ignore_errors=True)
+                if not self._exists(digest):
+                    raise
+            _fsync_dir(Path(final).parent)
+        else:
+            for rel in manifest["files"]:
+                self.fs.put_file(str(src / rel), posixpath.join(final, rel))
+            # The manifest goes last: it is the commit marker readers look for.
+            self.fs.pipe_file(posixpath.join(final, MANIFEST), body)
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        if self.local:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        else:
+            self.fs.pipe_file(path, data)  # single-object writes are atomic on object stores
+
+    def _register(self, name: str, digest: str) -> Version:
+        _check_name(name)
+        history = self.versions(name)
+        if history and history[-1].digest == digest:
+            return history[-1]  # an unchanged rerun is not a new version
+        number = history[-1].version + 1 if history else 1
+        while True:
+            v = Version(name, number, digest, now_iso())
+            if self._create_exclusive(self._p("names", name, f"{number:06d}.json"),
+                                      json.dumps(v.__dict__).encode()):
+                return v
+            number += 1  # another writer took this number
+
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
+        if self.local:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}")
+            tmp.write_bytes(data)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, p)  # atomic and exclusive: a complete file or none
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink()
+        if self.fs.exists(path):  # object stores: best effort; the race window is one request
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, ref: str, verify: bool = True) -> Artifact:
+        digest = self.resolve(ref)
+        manifest = self._read_manifest(digest)
+        art = Artifact(digest, manifest, self)
+        if verify:
+            self.verify(digest, manifest)
+        return art
+
+    def _read_manifest(self, digest: str) -> dict:
+        path = posixpath.join(self._dir(digest), MANIFEST)
+        try:
+            manifest = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise NotFound(f"artifact {digest[:12]}: {path} not found") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DamagedArtifact(f"artifact {digest[:12]}: {path} is not valid JSON ({e})") \
+                from None
+        if manifest.get("digest") != digest:
+            raise DamagedArtifact(f"artifact {digest[:12]}: {path} names digest "
+                                  f"{str(manifest.get('digest'))[:12]}, not its directory's")
+        return manifest
+
+    def verify(self, digest: str, manifest: dict | None = None) -> None:
+        """Check every file against the manifest; raise DamagedArtifact naming the file."""
+        manifest = manifest or self._read_manifest(digest)
+        root = self._dir(digest)
+        expected = manifest["files"]
+        where = f"artifact {digest[:12]} ({manifest.get('kind')}, {manifest.get('name') or '-'})"
+        actual = self._list_files(root)
+        for rel in sorted(set(expected) - set(actual)):
+            raise DamagedArtifact(f"{where}: file missing: {posixpath.join(root, rel)}")
+        for rel in sorted(set(actual) - set(expected)):
+            raise DamagedArtifact(f"{where}: unexpected file: {posixpath.join(root, rel)}")
+        for rel, info in sorted(expected.items()):
+            path = posixpath.join(root, rel)
+            if actual[rel] != info["size"]:
+                raise DamagedArtifact(f"{where}: file {path} has {actual[rel]} bytes, manifest "
+                                      f"says {info['size']} (truncated or overwritten)")
+            if self._sha256(path) != info["sha256"]:
+                raise DamagedArtifact(f"{where}: file {path} does not match its sha256 in the "
+                                      f"manifest (content changed)")
+        if tree_digest(expected) != digest:
+            raise DamagedArtifact(f"{where}: the manifest's file list does not hash to {digest}")
+
+    def _list_files(self, root: str) -> dict[str, int]:
+        out = {}
+        for path, info in self.fs.find(root, detail=True).items():
+            rel = posixpath.relpath(path, root)
+            if rel != MANIFEST and info.get("type", "file") == "file":
+                out[rel] = info["size"]
+        return out
+
+    def _sha256(self, path: str) -> str:
+        if self.local:
+            return sha256_file(path)
+        h = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def local_path(self, digest: str) -> Path:
+        if self.local:
+            return Path(self._dir(digest))
+        cache = default_home() / "cache" / digest
+        if not (cache / MANIFEST).exists():
+            tmp = cache.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
+            self.fs.get(self._dir(digest) + "/", str(tmp), recursive=True)
+            hashed = hash_tree(tmp)
+            if tree_digest(hashed) != digest:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise DamagedArtifact(f"artifact {digest[:12]}: download does not match digest")
+            os.replace(tmp, cache)
+        return cache
+
+    # -- names and references --------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        """name, name@latest, name@N, or a digest prefix (>= 6 hex chars) -> full digest."""
+        ref = ref.strip()
+        name, _, ver = ref.partition("@")
+        if self.fs.exists(self._p("names", name)):
+            history = self.versions(name)
+            if not history:
+                raise NotFound(f"model '{name}' has no versions")
+            if ver in ("", "latest"):
+                return history[-1].digest
+            if not ver.isdigit():
+                raise NotFound(f"'{ref}': version must be 'latest' or a number")
+            for v in history:
+                if v.version == int(ver):
+                    return v.digest
+            raise NotFound(f"'{ref}': {name} has versions 1..{history[-1].version}")
+        if not ver and re.fullmatch(r"[0-9a-f]{6,64}", ref):
+            hits = [d for d in self.digests() if d.startswith(ref)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise NotFound(f"digest prefix '{ref}' is ambiguous: "
+                               f"{', '.join(h[:12] for h in hits)}")
+        raise NotFound(f"no artifact or model named '{ref}' in store {self.root}")
+
+    def digests(self) -> list[str]:
+        root = self._p("artifacts")
+        if not self.fs.exists(root):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(root, detail=False)
+                      if self.fs.exists(posixpath.join(p, MANIFEST)))
+
+    def names(self) -> list[str]:
+        root = self._p("names")
+        if not self.fs.exists(root):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(root, detail=False))
+
+    def versions(self, name: str) -> list[Version]:
+        root = self._p("names", name)
+        if not self.fs.exists(root):
+            return []
+        out = []
+        for path in self.fs.ls(root, detail=False):
+            if re.fullmatch(r"\d{6}\.json", posixpath.basename(path)):
+                out.append(Version(**json.loads(self.fs.cat_file(path))))
+        return sorted(out, key=lambda v: v.version)
+
+    def find_by_inputs(self, input_key: str) -> Artifact | None:
+        """The artifact a stage produced from exactly these inputs, if it is still intact."""
+        path = self._p("inputs", f"{input_key}.json")
+        if not self.fs.exists(path):
+            return None
+        digest = json.loads(self.fs.cat_file(path))["digest"]
+        try:
+            return self.get(digest)
+        except ArtifactError:
+            return None  # damaged or removed: the stage must run again
+
+    def iter_artifacts(self) -> Iterator[Artifact]:
+        for d in self.digests():
+            yield Artifact(d, self._read_manifest(d), self)
+
+    def gc(self, older_than_s: float = 3600) -> list[str]:
+        """Remove staging left by killed writers (never touches published artifacts)."""
+        root = self._p("tmp")
+        if not self.fs.exists(root):
+            return []
+        removed, cutoff = [], time.time() - older_than_s
+        for path in self.fs.ls(root, detail=False):
+            mtime = os.stat(path).st_mtime if self.local else 0
+            if mtime <= cutoff:
+                self.fs.rm(path, recursive=True)
+                removed.append(path)
+        return removed
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ArtifactError(f"model name {name!r}: use letters, digits, '.', '_' and '-'")
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(d: Path) -> None:
+    if sys.platform == "win32":
+        return
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,421 @@
+"""Typed stage configuration: one pydantic schema per stage, composed of shared parts.
+
+Values live in YAML; `key.sub=value` on the command line overrides them. Unknown keys are
+rejected, and every error names the file, the field, the bad value and what is allowed, so a
+typo fails in a second instead of after an hour of training. This module must stay free of torch:
+flows import it to type their parameters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("pretrain", "sft", "rm", "ppo")
+PRESETS = ("tiny", "demo", "125m", "350m", "1b", "7b")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the YAML."""
+
+
+class Strict(BaseModel):
+    # extra="forbid" turns a misspelt key into an error instead of a silently ignored default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- shared parts -------------------------------------------------------------------------
+
+class RunConfig(Strict):
+    name: str = Field(description="Model name in the artifact store; each run adds a version.",
+                      pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    store: str | None = Field(None, description="Artifact store root: a path or fsspec URL. "
+                              "Default: $ALIGNFLOW_STORE, else .alignflow/store.")
+    work_dir: str | None = Field(None, description="Local scratch for checkpoints and logs. "
+                                 "Default: .alignflow/runs/<name>.")
+    seed: int = Field(1337, description="One seed drives data order, init and sampling.")
+    log_every: int = Field(10, gt=0, description="Steps between metric lines.")
+
+
+class ModelConfig(Strict):
+    preset: Literal["tiny", "demo", "125m", "350m", "1b", "7b"] = Field(
+        "tiny", description="LLaMA shape: tiny for tests, demo for the CPU demo, the rest for GPUs.")
+    init_from: str | None = Field(None, description="Artifact ref or HF checkpoint directory to "
+                                  "continue from instead of a random init (overrides preset).")
+    max_position_embeddings: int | None = Field(None, gt=0, description="Override the preset's "
+                                                "context length.")
+
+
+class OptimConfig(Strict):
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate, reached after warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr "
+                                "(Chinchilla decays to ~10%).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup; keeps early Adam steps from "
+                              "blowing up on random init.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled decay on matrices only.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1, description="0.95 rather than 0.999: steadier for LLMs.")
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="Global norm clip; guards against loss spikes.")
+
+
+class TrainConfig(Strict):
+    micro_batch_size: int = Field(4, gt=0, description="Sequences per rank per forward pass.")
+    global_batch_size: int = Field(8, gt=0, description="Sequences per optimizer step over all "
+                                   "ranks; must be a multiple of micro_batch_size x ranks.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps; the cosine horizon matches it.")
+    eval_every: int = Field(50, gt=0, description="Steps between held-out evaluations.")
+    eval_batches: int = Field(4, gt=0, description="Micro-batches per evaluation, per domain.")
+
+
+class DeepSpeedConfig(Strict):
+    template: str = Field("infra/deepspeed/zero2.json", description="DeepSpeed JSON template: "
+                          "ZeRO stage and offload live there (zero0..zero3, zero3_offload); "
+                          "batch sizes, precision and clipping are filled in from this config.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
+    num_gpus: int = Field(1, gt=0, description="Ranks per node (CPU processes on a CPU machine).")
+    num_nodes: int = Field(1, gt=0)
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node launches.")
+    master_port: int | None = Field(None, gt=0, lt=65536, description="Rendezvous port; default "
+                                    "picks a free one so concurrent jobs do not collide.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        zero = load_deepspeed_template(self.template).get("zero_optimization", {})
+        stage = zero.get("stage", 0)
+        if "offload_param" in zero and stage != 3:
+            raise ValueError(f"{self.template}: offload_param needs ZeRO stage 3, template has "
+                             f"stage {stage}")
+        if "offload_optimizer" in zero and stage == 0:
+            raise ValueError(f"{self.template}: offload_optimizer needs ZeRO stage 1, 2 or 3")
+        if self.num_nodes > 1 and not self.hostfile:
+            raise ValueError("num_nodes > 1 needs a hostfile")
+        if self.hostfile and not find_file(self.hostfile).is_file():
+            raise ValueError(f"hostfile {self.hostfile} not found")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus * self.num_nodes
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_file(path: str | os.PathLike) -> Path:
+    """Config paths are relative to the working directory, else to the alignflow checkout."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+
+
+def load_deepspeed_template(path: str) -> dict:
+    p = find_file(path)
+    if not p.is_file():
+        raise ValueError(f"DeepSpeed template {path} not found")
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"DeepSpeed template {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"DeepSpeed template {path} must hold a JSON object")
+    return data
+
+
+class CheckpointConfig(Strict):
+    every_steps: int = Field(50, gt=0, description="Steps between resumable checkpoints.")
+    keep_last: int = Field(2, gt=0, description="Older checkpoints are deleted to bound disk use.")
+    resume: bool = Field(True, description="Continue from the newest checkpoint in work_dir.")
+
+
+def _check_batch(train: TrainConfig, ds: DeepSpeedConfig) -> None:
+    per_step = train.micro_batch_size * ds.world_size
+    if train.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} does not divide over "
+            f"{ds.world_size} rank(s) x micro_batch_size {train.micro_batch_size}; use a "
+            f"multiple of {per_step}")
+
+
+# --- pretrain -----------------------------------------------------------------------------
+
+class PretrainDataConfig(Strict):
+    mixture: str = Field(description="Data mixture YAML (datasets_cfg/*.yaml).")
+    tokenizer: str | None = Field(None, description="Tokenizer artifact ref or HF directory to "
+                                  "reuse; empty trains a byte-level BPE on the mixture.")
+    vocab_size: int = Field(8192, gt=0, description="BPE vocabulary when training a tokenizer.")
+    seq_len: int = Field(256, gt=1, description="Tokens per packed row (T of BxT).")
+    total_tokens: int = Field(2_000_000, gt=0, description="Tokens drawn from the mixture "
+                              "for training; the per-domain split follows the weights.")
+    val_tokens_per_domain: int = Field(16_384, gt=0, description="Held-out tokens per domain.")
+
+
+class PretrainConfig(Strict):
+    stage: Literal["pretrain"] = "pretrain"
+    run: RunConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: PretrainDataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        _check_batch(self.train, self.deepspeed)
+        if self.optim.warmup_steps >= self.train.max_steps:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below "
+                             f"train.max_steps={self.train.max_steps}")
+        return self
+
+
+# --- sft ----------------------------------------------------------------------------------
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, gt=0, description="Scale alpha/r; 2x rank is the common default.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
+                                                               "o_proj"])
+
+
+class SFTDataConfig(Strict):
+    dataset: str = Field(description="SFT dataset YAML (datasets_cfg/*.yaml).")
+    max_length: int = Field(512, gt=1, description="Tokens per example; longer ones are counted "
+                            "and truncated.")
+    packing: bool = Field(False, description="Pack examples into full rows (faster, no padding).")
+    completion_only: bool = Field(True, description="Loss on answer tokens only.")
+    eval_examples: int = Field(200, gt=0)
+
+
+class SFTConfig(Strict):
+    stage: Literal["sft"] = "sft"
+    run: RunConfig
+    parent: str = Field(description="Causal-LM artifact ref (name@version or digest).")
+    data: SFTDataConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim_8bit: bool = Field(False, description="bitsandbytes 8-bit AdamW (GPU only).")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        _check_batch(self.train, self.deepspeed)
+        return self
+
+
+# --- rm -----------------------------------------------------------------------------------
+
+class RMDataConfig(Strict):
+    dataset: str = Field(description="Preference dataset YAML (prompt, chosen, rejected).")
+    max_length: int = Field(512, gt=1)
+    eval_examples: int = Field(200, gt=0)
+
+
+class RMConfig(Strict):
+    stage: Literal["rm"] = "rm"
+    run: RunConfig
+    parent: str = Field(description="SFT artifact ref the reward model starts from.")
+    data: RMDataConfig
+    center_rewards_coefficient: float = Field(0.01, ge=0, description="Pulls mean reward to 0 so "
+                                              "PPO sees rewards on a stable scale.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        _check_batch(self.train, self.deepspeed)
+        return self
+
+
+# --- ppo ----------------------------------------------------------------------------------
+
+class RolloutConfig(Strict):
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0, description="1.0 samples the policy PPO optimizes.")
+    top_k: int = Field(0, ge=0, description="0 disables.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a "
+                                       "response that never ends, so PPO learns to stop.")
+
+
+class KLConfig(Strict):
+    coef: float = Field(0.05, ge=0, description="Initial beta of the per-token KL penalty.")
+    estimator: Literal["k1", "k3"] = Field("k1", description="k1 is unbiased per token; k3 is "
+                                           "non-negative with lower variance.")
+    adaptive: bool = Field(False, description="Ziegler et al. controller towards target.")
+    target: float = Field(6.0, gt=0, description="KL (nats/sequence) the controller aims for.")
+    horizon: int = Field(10000, gt=0)
+
+
+class PPOAlgoConfig(Strict):
+    epochs: int = Field(4, gt=0, description="PPO passes over each batch of rollouts.")
+    minibatch_size: int = Field(4, gt=0)
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1, description="No discount: the reward arrives at the end.")
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    reward_clip: float = Field(5.0, gt=0, description="Clip normalized RM scores.")
+
+
+class PPODataConfig(Strict):
+    prompts: str = Field(description="Prompt dataset YAML.")
+    max_prompt_length: int = Field(128, gt=0)
+    eval_prompts: int = Field(128, gt=0)
+
+
+class PPOConfig(Strict):
+    stage: Literal["ppo"] = "ppo"
+    run: RunConfig
+    actor: str = Field(description="SFT artifact ref: actor and frozen reference.")
+    reward: str = Field(description="RM artifact ref: frozen reward model and critic init.")
+    data: PPODataConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    ppo: PPOAlgoConfig = Field(default_factory=PPOAlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    critic_lr: float = Field(5e-6, gt=0)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    frozen_offload: bool = Field(False, description="Offload reference and reward engines to CPU.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _cross(self):
+        _check_batch(self.train, self.deepspeed)
+        return self
+
+
+SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "sft": SFTConfig,
+                                     "rm": RMConfig, "ppo": PPOConfig}
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[str] = ()) -> Any:
+    """Read `path`, apply `key.sub=value` overrides, validate against `schema`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of fields, got {type(raw).__name__}")
+    from_cli = set()
+    for item in overrides:
+        key, value = _parse_override(item)
+        _check_key(schema, key.split("."), f"{path}: override '{item}'")
+        _set_dotted(raw, key, value)
+        from_cli.add(key)
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(path, schema, e, from_cli)) from None
+
+
+def parse_stage_args(schema: type[Strict], argv: list[str]) -> tuple[Any, Path, list[str]]:
+    """Parse `--config FILE [key=value ...]` as the stage scripts receive it from deepspeed."""
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
+    args = [a for a in argv if not a.startswith("--local_rank")]
+    if len(args) < 2 or args[0] != "--config":
+        raise ConfigError("usage: --config FILE [key.sub=value ...]")
+    path, overrides = Path(args[1]), args[2:]
+    return load_config(schema, path, overrides), path, overrides
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or not re.match(r"^[A-Za-z_][\w.]*=", item):
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    key, text = item.split("=", 1)
+    # YAML parsing gives `lr=3e-4` a float and `zero_stage=2` an int, as in the file.
+    try:
+        return key, yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        return key, text
+
+
+def _check_key(schema: type[BaseModel], parts: list[str], where: str) -> None:
+    model: Any = schema
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            raise ConfigError(f"{where}: '{'.'.join(parts[:i])}' is a value, not a section")
+        if part not in fields:
+            raise ConfigError(f"{where}: unknown field '{'.'.join(parts[:i + 1])}'"
+                              f"{_suggest(part, fields)}")
+        model = _submodel(fields[part].annotation)
+
+
+def _submodel(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    *parents, last = key.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[last] = value
+
+
+def _suggest(name: str, fields: dict) -> str:
+    close = difflib.get_close_matches(name, list(fields), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Allowed: {', '.join(fields)}"
+
+
+def _explain(path: Path, schema: type[BaseModel], err: ValidationError, from_cli: set[str]) -> str:
+    lines = [f"{path}: invalid {schema.__name__} ({err.error_count()} problem(s))"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        origin = " (set on the command line)" if loc in from_cli else ""
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(schema, e["loc"][:-1])
+            fields = parent.model_fields if parent else {}
+            lines.append(f"  {loc}: unknown field{origin}{_suggest(str(e['loc'][-1]), fields)}")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required field is missing")
+        else:
+            where = f"{loc}: " if loc else ""
+            lines.append(f"  {where}got {e.get('input')!r}{origin}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _model_at(schema: type[BaseModel], loc: tuple) -> Any:
+    model: Any = schema
+    for part in loc:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return None
+        model = _submodel(fields[part].annotation)
+    return model
+
+
+def resolved(cfg: BaseModel) -> dict:
+    """The fully resolved config as plain JSON data, as stored in every manifest."""
+    return cfg.model_dump(mode="json")

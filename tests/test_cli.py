@@ -1,0 +1,59 @@
+import json
+import subprocess
+from pathlib import Path
+
+from flows.cli import main
+from tests.conftest import REPO
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_runs_as_console_script():
+    exe = Path(REPO) / ".venv" / "bin" / "alignflow"
+    cmd = [str(exe)] if exe.exists() else ["python", "-m", "flows.cli"]
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "lineage" in out.stdout and "models" in out.stdout
+
+
+def test_models_and_versions(pipeline_store, capsys):
+    store, a = pipeline_store
+    code, out, _ = run(capsys, "--store", store.root, "models")
+    assert code == 0
+    assert [l.split()[0] for l in out.splitlines()] == sorted(
+        ["demo-corpus", "demo-tokenizer", "demo-packed", "demo-pretrain", "demo-sft", "demo-rm",
+         "demo-ppo"])
+    code, out, _ = run(capsys, "--store", store.root, "models", "demo-ppo")
+    assert code == 0 and out.startswith("demo-ppo@1") and "reward_mean=1.2" in out
+    code, out, _ = run(capsys, "--store", store.root, "models", "--json")
+    assert {r["name"] for r in json.loads(out)} >= {"demo-ppo", "demo-sft"}
+    code, _, err = run(capsys, "--store", store.root, "models", "nothing")
+    assert code == 1 and "no model named 'nothing'" in err
+
+
+def test_lineage_formats(pipeline_store, capsys):
+    store, a = pipeline_store
+    code, out, _ = run(capsys, "--store", store.root, "lineage", "demo-ppo@latest")
+    assert code == 0 and "corpus demo-corpus@1" in out
+    code, out, _ = run(capsys, "--store", store.root, "lineage", "demo-ppo", "--json")
+    assert json.loads(out)["root"] == a["ppo"].digest
+    for fmt, head in (("mermaid", "flowchart"), ("dot", "digraph")):
+        code, out, _ = run(capsys, "--store", store.root, "lineage", "demo-ppo", "--format", fmt)
+        assert out.startswith(head)
+    code, out, _ = run(capsys, "--store", store.root, "lineage", "demo-ppo", "--diff", "demo-rm")
+    assert code == 0 and "only in" in out
+
+
+def test_damaged_artifact_is_named(pipeline_store, capsys):
+    store, a = pipeline_store
+    victim = Path(store.base) / "artifacts" / a["sft"].digest / "model.safetensors"
+    victim.write_bytes(b"wX")
+    code, out, _ = run(capsys, "--store", store.root, "verify")
+    assert code == 1 and f"{victim}" in out and "6 ok, 1 damaged" in out
+    code, _, err = run(capsys, "--store", store.root, "show", "demo-sft")
+    assert code == 2 and str(victim) in err and "does not match its sha256" in err
+    code, _, err = run(capsys, "--store", store.root, "lineage", "no-such-model")
+    assert code == 2 and "no artifact or model named 'no-such-model'" in err
