@@ -115,6 +115,27 @@ def code_version(repo: str | Path | None = None) -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+def code_fingerprint() -> str:
+    """Digest of the stage code (stages/*.py). Part of every stage's input key: changing how a
+    stage trains reruns it; editing a README or a flow does not."""
+    root = Path(__file__).resolve().parent
+    return json_digest({p.name: sha256_file(p) for p in sorted(root.glob("*.py"))})
+
+
+# Fields that say where a run happens, not what it computes: they never bust the cache.
+_NOT_INPUTS = (("run", "store"), ("run", "work_dir"), ("run", "log_every"),
+               ("deepspeed", "master_port"), ("deepspeed", "hostfile"))
+
+
+def input_key(stage: str, config: dict, parents: list[dict]) -> str:
+    """What decides a stage's output: its resolved config, its parents' digests, its code."""
+    cfg = json.loads(json.dumps(config))
+    for section, key in _NOT_INPUTS:
+        cfg.get(section, {}).pop(key, None)
+    return json_digest({"stage": stage, "config": cfg, "code": code_fingerprint(),
+                        "parents": sorted((p["role"], p["digest"]) for p in parents)})
+
+
 def package_versions() -> dict[str, str | None]:
     out = {"python": platform.python_version()}
     for name in TRACKED_PACKAGES:

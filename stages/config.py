@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     # extra="forbid" turns a misspelt key into an error instead of a silently ignored default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --- shared parts -------------------------------------------------------------------------
@@ -146,6 +146,46 @@ def _check_batch(train: TrainConfig, ds: DeepSpeedConfig) -> None:
             f"multiple of {per_step}")
 
 
+# --- data mixtures (datasets_cfg/*.yaml) ---------------------------------------------------
+
+class SourceConfig(Strict):
+    domain: str = Field(description="LLaMA domain (commoncrawl, c4, github, ...); per-domain "
+                        "metrics and proportions are reported under this name.")
+    weight: float = Field(gt=0, description="Share of sampled tokens, normalized over sources.")
+    max_epochs: float = Field(1.0, ge=1, description="Passes allowed over a short source; LLaMA "
+                              "took ~2 over books and Wikipedia.")
+    type: Literal["hub", "files", "artifact"] = Field(description="hub: a Hugging Face dataset, "
+                                                      "streamed; files: local globs; artifact: "
+                                                      "files inside a corpus artifact.")
+    text_field: str = Field("text", description="Field holding the document text (jsonl/parquet/hub).")
+    dataset: str | None = Field(None, description="hub: dataset id.")
+    subset: str | None = Field(None, description="hub: configuration name.")
+    split: str = Field("train", description="hub: split.")
+    paths: list[str] | None = Field(None, description="files: globs (.jsonl, .parquet, .txt).")
+    artifact: str | None = Field(None, description="artifact: corpus ref, e.g. demo-corpus.")
+    files: str | None = Field(None, description="artifact: glob inside the artifact.")
+
+    @model_validator(mode="after")
+    def _type_fields(self):
+        need = {"hub": ("dataset",), "files": ("paths",), "artifact": ("artifact", "files")}
+        missing = [f for f in need[self.type] if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"source type '{self.type}' needs {', '.join(missing)}")
+        return self
+
+
+class MixtureConfig(Strict):
+    name: str = Field(description="Mixture name, recorded in dataset manifests.")
+    sources: list[SourceConfig] = Field(min_length=1)
+
+    def domain_weights(self) -> dict[str, float]:
+        total = sum(s.weight for s in self.sources)
+        out: dict[str, float] = {}
+        for s in self.sources:
+            out[s.domain] = out.get(s.domain, 0.0) + s.weight / total
+        return out
+
+
 # --- pretrain -----------------------------------------------------------------------------
 
 class PretrainDataConfig(Strict):
@@ -153,6 +193,8 @@ class PretrainDataConfig(Strict):
     tokenizer: str | None = Field(None, description="Tokenizer artifact ref or HF directory to "
                                   "reuse; empty trains a byte-level BPE on the mixture.")
     vocab_size: int = Field(8192, gt=0, description="BPE vocabulary when training a tokenizer.")
+    tokenizer_train_chars: int = Field(2_000_000, gt=0, description="Characters of the mixture "
+                                       "(by weight) the BPE is trained on; more barely helps.")
     seq_len: int = Field(256, gt=1, description="Tokens per packed row (T of BxT).")
     total_tokens: int = Field(2_000_000, gt=0, description="Tokens drawn from the mixture "
                               "for training; the per-domain split follows the weights.")

@@ -1,0 +1,85 @@
+"""Build and run `deepspeed --module stages.<name>` commands. No torch here: flows import this."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from stages.config import SCHEMAS, find_file, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_exe() -> str:
+    beside = Path(sys.executable).parent / "deepspeed"   # the venv's launcher
+    return str(beside) if beside.exists() else "deepspeed"
+
+
+def build_command(stage: str, config: str | Path, overrides: list[str] = ()) -> list[str]:
+    """The launch command for a stage, validated first: a bad config fails here, in a second,
+    not after the launcher has started ranks."""
+    cfg = load_config(SCHEMAS[stage], config, list(overrides))
+    ds = cfg.deepspeed
+    cmd = [deepspeed_exe()]
+    if ds.hostfile:
+        cmd += ["--hostfile", str(find_file(ds.hostfile)), "--num_nodes", str(ds.num_nodes)]
+    cmd += ["--num_gpus", str(ds.num_gpus), "--master_port", str(ds.master_port or free_port()),
+            "--module", f"stages.{stage}", "--config", str(config), *overrides]
+    return cmd
+
+
+def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], None] = print,
+              timeout: float | None = None, cwd: Path = REPO) -> tuple[int, str | None]:
+    """Run a launch command in its own process group, streaming its output line by line.
+
+    Returns (exit code, artifact digest printed by the stage). The deepspeed CLI does not
+    forward signals to its ranks, so a timeout or interrupt signals the whole group.
+    """
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
+                "ALIGNFLOW_LAUNCH_COMMAND": shlex.join(cmd)}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            errors="replace")
+    digest, deadline = None, time.time() + timeout if timeout else None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("ALIGNFLOW_ARTIFACT="):
+                digest = line.split("=", 1)[1].strip()
+            on_line(line)
+            if deadline and time.time() > deadline:
+                raise TimeoutError(f"{shlex.join(cmd)} ran past {timeout}s")
+        return proc.wait(), digest
+    except BaseException:
+        stop_group(proc)
+        raise
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the launcher and every rank, then SIGKILL whatever is left after `grace`."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()

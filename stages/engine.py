@@ -1,0 +1,209 @@
+"""What every stage does around its training loop: ranks, DeepSpeed config, LR schedule,
+metrics, resumable checkpoints and export. Small on purpose; each stage reads top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stages.artifacts import default_home
+from stages.config import DeepSpeedConfig, OptimConfig, TrainConfig, load_deepspeed_template
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group the deepspeed launcher set up (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if "RANK" not in os.environ:  # plain `python -m stages.x`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def broadcast(obj, d: Dist):
+    """Rank 0's value on every rank. An exception on rank 0 is re-raised everywhere, so no
+    rank is left waiting at a barrier for a rank that already failed."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BaseException):
+        raise box[0] if d.main else SystemExit(f"rank {d.rank}: rank 0 failed: {box[0]}")
+    return box[0]
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def precision(ds: DeepSpeedConfig) -> str:
+    if ds.precision != "auto":
+        return ds.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig,
+                     world: int) -> dict:
+    """The template from infra/deepspeed/ with this run's batch, precision and clipping."""
+    cfg = load_deepspeed_template(ds.template)
+    accum = train.global_batch_size // (train.micro_batch_size * world)
+    prec = precision(ds)
+    if prec != "fp32" and not torch.cuda.is_available():
+        raise ValueError(f"deepspeed.precision={prec} needs a GPU; use fp32 or auto on CPU")
+    cfg.update(train_micro_batch_size_per_gpu=train.micro_batch_size,
+               gradient_accumulation_steps=accum, train_batch_size=train.global_batch_size,
+               gradient_clipping=optim.grad_clip, bf16={"enabled": prec == "bf16"},
+               fp16={"enabled": prec == "fp16"})
+    return cfg
+
+
+def adamw(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    # Decay matrices only: decaying norms and biases hurts and buys nothing (GPT-3, nanoGPT).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    keep = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             fused=torch.cuda.is_available())
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Linear warmup, then cosine decay to min_lr_ratio at max_steps (Chinchilla's horizon)."""
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def work_dir(name: str, configured: str | None, input_key: str) -> Path:
+    """Scratch for checkpoints and logs. Keyed by the run's inputs, so a changed config starts
+    fresh while the same config resumes."""
+    base = Path(configured) if configured else default_home() / "runs" / name
+    return base / input_key[:12]
+
+
+def launch_command(stage: str, cfg_path: Path, overrides: list[str], ds: DeepSpeedConfig) -> str:
+    """The command that started this run: the flow passes it; by hand it is rebuilt."""
+    given = os.environ.get("ALIGNFLOW_LAUNCH_COMMAND")
+    if given:
+        return given
+    return shlex.join(["deepspeed", "--num_gpus", str(ds.num_gpus), "--module",
+                       f"stages.{stage}", "--config", str(cfg_path), *overrides])
+
+
+class Metrics:
+    """JSONL (for machines and the flow's progress artifact) and TensorBoard; rank 0 only."""
+
+    def __init__(self, d: Dist, out: Path):
+        self.main = d.main
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, **values) -> None:
+        if not self.main:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; DeepSpeed writes `latest` only after a
+    checkpoint is whole, so nothing newer than it is trusted or counted."""
+    latest = (ckpt_dir / "latest").read_text().strip()
+    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name <= latest)
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def full_parameters(engine):
+    """Every parameter whole on every rank (ZeRO-3 shards them), for eval and export."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                               modifier_rank=None):
+            yield engine.module
+    else:
+        yield engine.module
+
+
+def save_hf(engine, tokenizer, out: Path, d: Dist) -> None:
+    """HF directory in safetensors: loads with plain from_pretrained, no DeepSpeed needed."""
+    with full_parameters(engine) as module:
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            module.save_pretrained(out, safe_serialization=True)
+            tokenizer.save_pretrained(out)
+    dist.barrier()
+
+
+def log(d: Dist, msg: str) -> None:
+    if d.main:
+        print(f"[alignflow] {msg}", file=sys.stderr, flush=True)

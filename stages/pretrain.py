@@ -1,0 +1,394 @@
+"""Stage pretrain: a LLaMA-style model from scratch on a weighted multi-source mixture.
+
+    deepspeed --num_gpus 2 --module stages.pretrain --config configs/tiny/pretrain.yaml [k=v ...]
+
+setup:  validate config and mixture; rank 0 trains or reuses the tokenizer and packs the dataset
+        (both artifacts, reused when their inputs are unchanged); build model and engine; resume.
+train:  next-token loss over packed BxT rows, warmup + cosine, clipping, per-domain eval,
+        checkpoints every N steps (weights, optimizer, scheduler, step, RNG), stop on NaN.
+save:   HF safetensors + tokenizer into the artifact store, parents: dataset and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stages import data as D
+from stages import engine as E
+from stages.artifacts import ArtifactError, ArtifactStore, input_key, json_digest, sha256_file
+from stages.config import ConfigError, PretrainConfig, find_file, parse_stage_args, resolved
+from stages.model import PRESETS, device_peak_flops, flops_per_token, llama_config, matmul_params
+
+
+# --- setup --------------------------------------------------------------------------------
+
+def preflight(cfg: PretrainConfig, store: ArtifactStore):
+    """Every check that can fail before the first expensive step."""
+    mixture = D.load_mixture(cfg.data.mixture)
+    for src in mixture.sources:
+        if src.type == "files":
+            D.source_files(src)
+        elif src.type == "artifact":
+            store.get(src.artifact, verify=False)
+    positions = cfg.model.max_position_embeddings or PRESETS[cfg.model.preset].max_positions
+    if cfg.model.init_from:
+        from transformers import AutoConfig
+        positions = AutoConfig.from_pretrained(model_dir(cfg.model.init_from, store)) \
+            .max_position_embeddings
+    if cfg.data.seq_len > positions:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is above the model's "
+                          f"{positions} positions")
+    if not cfg.data.tokenizer and not cfg.model.init_from:
+        if cfg.data.vocab_size < D.BYTE_ALPHABET + len(D.SPECIAL_TOKENS):
+            raise ConfigError(f"data.vocab_size={cfg.data.vocab_size} is smaller than the "
+                              f"{D.BYTE_ALPHABET} byte tokens + {len(D.SPECIAL_TOKENS)} specials")
+    return mixture
+
+
+def model_dir(ref: str, store: ArtifactStore) -> Path:
+    """An HF directory: a store reference, else a path on disk."""
+    p = Path(ref)
+    if p.is_dir():
+        return p
+    return store.get(ref).local_path()
+
+
+def source_fingerprint(src, store) -> dict:
+    if src.type == "files":
+        files = D.source_files(src)
+        return {"type": "files", "sha256": json_digest([(f.name, sha256_file(f)) for f in files]),
+                "files": len(files)}
+    if src.type == "artifact":
+        return {"type": "artifact", "digest": store.resolve(src.artifact)}
+    return {"type": "hub", "dataset": src.dataset, "subset": src.subset, "split": src.split}
+
+
+def get_tokenizer(cfg: PretrainConfig, mixture, fps: list[dict], store: ArtifactStore):
+    """(tokenizer, tokenizer artifact digest or None): reuse, or train a BPE on the mixture."""
+    from transformers import AutoTokenizer
+    ref = cfg.data.tokenizer or cfg.model.init_from
+    if ref:
+        path = model_dir(ref, store)
+        digest = store.resolve(ref) if not Path(ref).is_dir() else None
+        return AutoTokenizer.from_pretrained(path), digest
+    spec = {"mixture": mixture.model_dump(mode="json"), "sources": fps,
+            "vocab_size": cfg.data.vocab_size, "chars": cfg.data.tokenizer_train_chars,
+            "seed": cfg.run.seed}
+    parents = corpus_parents(mixture, store)
+    key = input_key("tokenizer", spec, parents)
+    if (hit := store.find_by_inputs(key)) is not None:
+        return AutoTokenizer.from_pretrained(hit.local_path()), hit.digest
+    t0 = time.time()
+    tok = D.train_tokenizer(tokenizer_texts(cfg, mixture, store), cfg.data.vocab_size)
+    out = E.default_home() / "tmp" / f"tokenizer-{key[:12]}"
+    tok.save_pretrained(out)
+    art = store.put(out, kind="tokenizer", stage="pretrain", name=f"{cfg.run.name}-tokenizer",
+                    parents=parents, config=spec, input_key=key, move=True,
+                    metrics={"vocab_size": len(tok)}, timings={"train_s": time.time() - t0},
+                    extra={"sources": source_entries(mixture, fps)})
+    return tok, art.digest
+
+
+def tokenizer_texts(cfg: PretrainConfig, mixture, store):
+    """Text for BPE training, drawn from each source in proportion to its weight."""
+    total = sum(s.weight for s in mixture.sources)
+    for src in mixture.sources:
+        budget = cfg.data.tokenizer_train_chars * src.weight / total
+        for doc in D.source_documents(src, cfg.run.seed, store):
+            yield doc[: int(budget)]
+            budget -= len(doc)
+            if budget <= 0:
+                break
+
+
+def corpus_parents(mixture, store) -> list[dict]:
+    digests = sorted({store.resolve(s.artifact) for s in mixture.sources if s.type == "artifact"})
+    return [{"role": "corpus", "digest": d} for d in digests]
+
+
+def source_entries(mixture, fps: list[dict]) -> list[dict]:
+    """Raw inputs outside the store, shown as the leaves of a lineage tree."""
+    out = []
+    for src, fp in zip(mixture.sources, fps):
+        if src.type != "artifact":
+            out.append({"name": src.dataset or ",".join(src.paths), "domain": src.domain, **fp})
+    return out
+
+
+def get_dataset(cfg: PretrainConfig, mixture, fps, tok, tok_digest, store) -> str:
+    """Digest of the packed dataset artifact, built unless these inputs were packed before."""
+    spec = {"mixture": mixture.model_dump(mode="json"), "sources": fps,
+            "seq_len": cfg.data.seq_len, "total_tokens": cfg.data.total_tokens,
+            "val_tokens_per_domain": cfg.data.val_tokens_per_domain, "seed": cfg.run.seed,
+            "tokenizer": tok_digest or tok.name_or_path}
+    parents = corpus_parents(mixture, store)
+    if tok_digest:
+        parents.append({"role": "tokenizer", "digest": tok_digest})
+    key = input_key("dataset", spec, parents)
+    if (hit := store.find_by_inputs(key)) is not None:
+        return hit.digest
+    t0 = time.time()
+    out = E.default_home() / "tmp" / f"dataset-{key[:12]}"
+    stats = build_dataset(cfg, mixture, tok, store, out)
+    art = store.put(out, kind="dataset", stage="pretrain", name=f"{cfg.run.name}-data",
+                    parents=parents, config=spec, input_key=key, move=True,
+                    metrics={"rows": stats["rows"], "tokens": stats["tokens"],
+                             "unigram_val_loss": stats["unigram_val_loss"]},
+                    timings={"build_s": time.time() - t0},
+                    extra={"mixture_stats": stats, "sources": source_entries(mixture, fps)})
+    return art.digest
+
+
+def build_dataset(cfg: PretrainConfig, mixture, tok, store, out: Path) -> dict:
+    D.check_tokenizer(tok, "pretrain tokenizer")
+    total_w = sum(s.weight for s in mixture.sources)
+    dom_w = mixture.domain_weights()
+    pieces, val, sampled = [], {}, {}
+    for src in mixture.sources:
+        share = src.weight / total_w
+        target = round(share * cfg.data.total_tokens)
+        val_tokens = round(cfg.data.val_tokens_per_domain * share / dom_w[src.domain])
+        s = D.sample_source(src, D.source_documents(src, cfg.run.seed, store), tok, target,
+                            val_tokens, cfg.run.seed)
+        pieces += [(src.domain, a) for a in s.train]
+        val.setdefault(src.domain, []).extend(s.val)
+        sampled[f"{src.domain}:{D._source_name(src)}"] = {"documents": s.documents,
+                                                          "epochs": s.epochs}
+    rows, per_domain = D.pack(pieces, cfg.data.seq_len, cfg.run.seed)
+    tokens = int(rows.size)
+    realized = {d: per_domain.get(d, 0) / tokens for d in dom_w}
+    for d, w in dom_w.items():
+        if abs(realized[d] - w) > 0.02:
+            raise D.DataError(f"domain {d}: realized {realized[d]:.3f} of tokens against weight "
+                              f"{w:.3f}; more than 2 points off (total_tokens too small for "
+                              f"seq_len?)")
+    D.write_rows(out / "train.parquet", rows)
+    val_tokens_seen = []
+    for domain, arrays in sorted(val.items()):
+        vrows, _ = D.pack([(domain, a) for a in arrays], cfg.data.seq_len, cfg.run.seed)
+        D.write_rows(out / "val" / f"{domain}.parquet", vrows)
+        val_tokens_seen.append(vrows.reshape(-1))
+    counts = np.bincount(rows.reshape(-1), minlength=len(tok)).astype(np.float64) + 1.0
+    probs = counts / counts.sum()
+    val_all = np.concatenate(val_tokens_seen)
+    stats = {"rows": int(rows.shape[0]), "seq_len": cfg.data.seq_len, "tokens": tokens,
+             "tokens_per_domain": per_domain, "weights": dom_w, "realized": realized,
+             "sources": sampled, "val_rows": {d: int(len(a)) for d, a in val.items()},
+             # the loss of a model that knows only token frequencies: what pretraining must beat
+             "unigram_val_loss": float(-np.log(probs[val_all]).mean())}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+# --- train --------------------------------------------------------------------------------
+
+def batch_rows(step: int, micro: int, accum: int, mb: int, d: E.Dist, n_rows: int,
+               seed: int) -> np.ndarray:
+    """Row indices for one micro-batch: a pure function of the step, so resume is exact.
+    Each epoch is a fresh permutation of the rows."""
+    per_step = mb * d.world * accum
+    first = step * per_step + micro * mb * d.world + d.rank * mb
+    idx = np.arange(first, first + mb)
+    epochs, pos = idx // n_rows, idx % n_rows
+    out = np.empty(mb, dtype=np.int64)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n_rows)
+        out[epochs == e] = perm[pos[epochs == e]]
+    return out
+
+
+@torch.no_grad()
+def evaluate(engine, val: dict[str, np.ndarray], cfg: PretrainConfig, d: E.Dist) -> dict:
+    engine.eval()
+    out, total_loss, total_n = {}, 0.0, 0
+    mb = cfg.train.micro_batch_size
+    for domain, rows in val.items():
+        mine = rows[d.rank::d.world][: cfg.train.eval_batches * mb]
+        acc = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(mine), mb):
+            x = torch.as_tensor(mine[i:i + mb], dtype=torch.long, device=d.device)
+            loss = engine(input_ids=x, labels=x).loss
+            acc += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
+        dist.all_reduce(acc)
+        if acc[1] > 0:
+            out[f"val_loss/{domain}"] = (acc[0] / acc[1]).item()
+            total_loss, total_n = total_loss + acc[0].item(), total_n + acc[1].item()
+    out["val_loss"] = total_loss / max(total_n, 1)
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+    engine.train()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, cfg_path, overrides = parse_stage_args(PretrainConfig, sys.argv[1:] if argv is None
+                                                else argv)
+    t_start = time.time()
+    store = ArtifactStore(cfg.run.store)
+    mixture = preflight(cfg, store)
+    d = E.init_distributed()
+    E.seed_all(cfg.run.seed)
+
+    # Rank 0 prepares data; the others wait and receive the artifact digests.
+    def prepare():
+        fps = [source_fingerprint(s, store) for s in mixture.sources]
+        tok, tok_digest = get_tokenizer(cfg, mixture, fps, store)
+        return {"tokenizer": tok_digest, "dataset": get_dataset(cfg, mixture, fps, tok,
+                                                                 tok_digest, store)}
+    try:
+        prepared = E.broadcast(prepare() if d.main else None, d)
+    except Exception as e:  # noqa: BLE001 - any rank-0 failure must reach every rank
+        prepared = E.broadcast(e if d.main else None, d)
+    t_data = time.time()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ds_art = store.get(prepared["dataset"])
+    tokenizer = AutoTokenizer.from_pretrained(
+        store.get(prepared["tokenizer"]).local_path() if prepared["tokenizer"]
+        else model_dir(cfg.data.tokenizer or cfg.model.init_from, store))
+    train_rows = D.read_rows(ds_art.local_path() / "train.parquet")
+    val_rows = {p.stem: D.read_rows(p) for p in sorted((ds_art.local_path() / "val").glob("*"))}
+
+    torch.manual_seed(cfg.run.seed)  # same init on every rank
+    if cfg.model.init_from:
+        model = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model.init_from, store),
+                                                     torch_dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(llama_config(
+            cfg.model.preset, len(tokenizer), tokenizer, cfg.model.max_position_embeddings))
+    n_flop_params = matmul_params(model)
+    fpt = flops_per_token(n_flop_params, model.config.num_hidden_layers,
+                          model.config.hidden_size, cfg.data.seq_len)
+
+    import deepspeed
+    optimizer = E.adamw(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, E.lr_lambda(cfg.optim,
+                                                                         cfg.train.max_steps))
+    ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_cfg)
+    accum = ds_cfg["gradient_accumulation_steps"]
+
+    parents = [{"role": "dataset", "digest": ds_art.digest}]
+    if prepared["tokenizer"]:
+        parents.append({"role": "tokenizer", "digest": prepared["tokenizer"]})
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
+        parents.append({"role": "init", "digest": store.resolve(cfg.model.init_from)})
+    key = input_key("pretrain", resolved(cfg), parents)
+    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
+    ckpt = work / "checkpoints"
+    metrics = E.Metrics(d, work)
+    start = 0
+    if cfg.checkpoint.resume and (ckpt / "latest").exists():
+        _, client = engine.load_checkpoint(str(ckpt))
+        start = client["step"]
+        E.set_rng_state(client["rng"][d.rank])
+        E.log(d, f"resumed from {ckpt} at step {start}")
+    E.log(d, f"pretrain {cfg.run.name}: {n_flop_params / 1e6:.2f}M params, {len(train_rows)} "
+             f"rows x {cfg.data.seq_len}, {d.world} rank(s), accum {accum}, "
+             f"precision {E.precision(cfg.deepspeed)}, ZeRO {engine.zero_optimization_stage()}")
+
+    peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not d.main, desc="pretrain",
+               unit="step", mininterval=1 if sys.stderr.isatty() else 10, file=sys.stderr)
+    last_eval: dict = {}
+    t_train = time.time()
+    for step in range(start, cfg.train.max_steps):
+        t0 = time.time()
+        step_loss = 0.0
+        for micro in range(accum):
+            idx = batch_rows(step, micro, accum, cfg.train.micro_batch_size, d, len(train_rows),
+                             cfg.run.seed)
+            x = torch.as_tensor(train_rows[idx], dtype=torch.long, device=d.device)
+            loss = engine(input_ids=x, labels=x).loss
+            mean = loss.detach().float().clone()
+            dist.all_reduce(mean)
+            mean = mean.item() / d.world
+            if not math.isfinite(mean):
+                latest = (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() \
+                    else "none"
+                raise FloatingPointError(
+                    f"non-finite loss ({mean}) at step {step}: stopping without an update. "
+                    f"Last good checkpoint: {latest} in {ckpt} (kept). Lower optim.lr or raise "
+                    f"optim.warmup_steps, then rerun to resume from it.")
+            engine.backward(loss)
+            engine.step()
+            step_loss += mean / accum
+        dt = time.time() - t0
+        done = step + 1
+        row = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "step_s": dt,
+               "tokens_per_s": tokens_per_step / dt, "flops_per_s": fpt * tokens_per_step / dt,
+               "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
+        if peak:
+            row["mfu"] = row["flops_per_s"] / (peak * d.world)
+        if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
+            last_eval = evaluate(engine, val_rows, cfg, d)
+            row.update(last_eval)
+            E.log(d, f"step {done}: val_loss {last_eval['val_loss']:.4f} "
+                     f"ppl {last_eval['val_ppl']:.1f}")
+        if done % cfg.run.log_every == 0 or done == cfg.train.max_steps:
+            metrics.log(done, **row)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if done % cfg.checkpoint.every_steps == 0 and done < cfg.train.max_steps:
+            save_checkpoint(engine, ckpt, done, cfg.checkpoint.keep_last, d)
+    bar.close()
+    t_end_train = time.time()
+
+    # --- save -----------------------------------------------------------------------------
+    export = work / "export"
+    E.save_hf(engine, tokenizer, export, d)
+    if d.main:
+        (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
+        stats = ds_art.manifest.get("mixture_stats", {})
+        final = {k: v for k, v in last_eval.items()}
+        final.update(train_tokens=tokens_per_step * cfg.train.max_steps,
+                     unigram_val_loss=stats.get("unigram_val_loss"),
+                     params=n_flop_params)
+        art = store.put(export, kind="model", stage="pretrain", name=cfg.run.name,
+                        parents=parents, config=resolved(cfg), input_key=key, move=True,
+                        datasets={"train": {"digest": ds_art.digest,
+                                            "tokens_per_domain": stats.get("tokens_per_domain"),
+                                            "realized": stats.get("realized")}},
+                        metrics=final,
+                        timings={"data_s": t_data - t_start, "train_s": t_end_train - t_train,
+                                 "total_s": time.time() - t_start},
+                        command=E.launch_command("pretrain", cfg_path, overrides, cfg.deepspeed))
+        (work / "result.json").write_text(json.dumps({"digest": art.digest}))
+        # The artifact is the result now; resumable state would only fill the disk.
+        shutil.rmtree(ckpt, ignore_errors=True)
+        E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
+        print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
+    metrics.close()
+    dist.barrier()
+
+
+def save_checkpoint(engine, ckpt: Path, step: int, keep: int, d: E.Dist) -> None:
+    states = [None] * d.world
+    dist.all_gather_object(states, E.rng_state())
+    engine.save_checkpoint(str(ckpt), tag=f"step{step:07d}",
+                           client_state={"step": step, "rng": states})
+    if d.main:
+        E.prune_checkpoints(ckpt, keep)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, D.DataError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

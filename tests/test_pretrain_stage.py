@@ -1,0 +1,141 @@
+"""Stage pretrain through the real deepspeed launcher on this CPU (tiny preset)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.launch import build_command, run_stage
+from stages.artifacts import ArtifactStore
+from tests.conftest import REPO
+
+TINY = REPO / "configs" / "tiny" / "pretrain.yaml"
+
+
+def launch(tmp_path, *overrides, work="work", timeout=600):
+    store = tmp_path / "store"
+    cmd = build_command("pretrain", TINY, [f"run.store={store}",
+                                           f"run.work_dir={tmp_path / work}", *overrides])
+    lines: list[str] = []
+    code, digest = run_stage(cmd, on_line=lines.append, timeout=timeout,
+                             env={"ALIGNFLOW_HOME": str(tmp_path / "home")})
+    return code, digest, "\n".join(lines), ArtifactStore(store)
+
+
+def metrics_by_step(work: Path) -> dict[int, dict]:
+    (path,) = work.glob("*/metrics.jsonl")
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    return {r["step"]: r for r in rows}     # a step logged twice (before a kill) keeps the last
+
+
+def test_two_ranks_train_export_and_generate(tmp_path):
+    code, digest, out, store = launch(tmp_path)
+    assert code == 0, out[-3000:]
+    assert "2 rank(s)" in out and "ZeRO 2" in out
+    art = store.get("tiny-pretrain")
+    assert art.digest == digest and art.kind == "model" and art.stage == "pretrain"
+    roles = {p["role"]: p["digest"] for p in art.parents}
+    assert set(roles) == {"dataset", "tokenizer"}
+    data = store.get(roles["dataset"])
+    realized, weights = data.manifest["mixture_stats"]["realized"], \
+        data.manifest["mixture_stats"]["weights"]
+    assert all(abs(realized[d] - weights[d]) <= 0.02 for d in weights)
+    m = art.manifest
+    assert m["config"]["deepspeed"]["num_gpus"] == 2 and "--module stages.pretrain" in m["command"]
+    assert m["metrics"]["val_loss"] < m["metrics"]["unigram_val_loss"] + 1.0
+    assert set(k.split("/")[1] for k in m["metrics"] if k.startswith("val_loss/")) == \
+        set(weights)
+    log = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert log[-1]["loss"] < log[0]["loss"] and all(r["tokens_per_s"] > 0 for r in log)
+
+    # plain transformers, no alignflow and no DeepSpeed, loads and generates
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "p = sys.argv[1]; tok = AutoTokenizer.from_pretrained(p)\n"
+        "m = AutoModelForCausalLM.from_pretrained(p)\n"
+        "x = tok('def main', return_tensors='pt')\n"
+        "y = m.generate(**x, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)\n"
+        "print('GEN', y.shape[1] - x['input_ids'].shape[1], type(m).__name__)\n")
+    gen = subprocess.run([sys.executable, "-c", script, str(art.local_path())],
+                         capture_output=True, text=True, timeout=300)
+    assert "GEN 8 LlamaForCausalLM" in gen.stdout, gen.stderr[-2000:]
+    assert not list(art.local_path().glob("*.bin")) and list(art.local_path().glob("*.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path):
+    steps = ["train.max_steps=24", "checkpoint.every_steps=4", "train.eval_every=100"]
+    code, _, out, store = launch(tmp_path, *steps, work="straight")
+    assert code == 0, out[-3000:]
+    straight = metrics_by_step(tmp_path / "straight")
+
+    # second run of the same config: SIGKILL the launcher and every rank after a checkpoint
+    cmd = build_command("pretrain", TINY, [f"run.store={tmp_path / 'store'}",
+                                           f"run.work_dir={tmp_path / 'killed'}", *steps])
+    env = {**os.environ, "ALIGNFLOW_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "killed").glob("*/checkpoints/latest")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (latest,) = (tmp_path / "killed").glob("*/checkpoints/latest")
+    killed_at = int(latest.read_text().strip().removeprefix("step"))
+    assert 0 < killed_at < 24
+
+    code, _, out, store = launch(tmp_path, *steps, work="killed")
+    assert code == 0, out[-3000:]
+    resumed_at = int(out.split("at step ")[1].split()[0])
+    assert resumed_at >= killed_at and resumed_at % 4 == 0 and resumed_at < 24
+    resumed = metrics_by_step(tmp_path / "killed")
+    assert max(resumed) == 24
+    for step in range(resumed_at + 1, 25):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
+        assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-9), step
+    # the tokenizer and packed dataset were built once and reused by the later launches
+    assert len(store.versions("tiny-pretrain-data")) == 1
+    assert len(store.versions("tiny-pretrain-tokenizer")) == 1
+
+
+def run_module(tmp_path, *overrides):
+    env = {**os.environ, "ALIGNFLOW_HOME": str(tmp_path / "home")}
+    return subprocess.run([sys.executable, "-m", "stages.pretrain", "--config", str(TINY),
+                           f"run.store={tmp_path / 'store'}", *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.seq_len=4096", "data.seq_len=4096 is above the model's 128 positions"),
+    ("data.mixture=datasets_cfg/none.yaml", "datasets_cfg/none.yaml: mixture file not found"),
+    ("train.global_batch_size=6", "does not divide over 2 rank(s)"),
+    ("data.vocab_size=100", "data.vocab_size=100 is smaller than the 256 byte tokens"),
+    ("model.init_from=no-such-model", "no artifact or model named 'no-such-model'"),
+])
+def test_bad_input_fails_before_training(tmp_path, override, message):
+    out = run_module(tmp_path, override)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "store" / "names").exists()
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from stages.data import train_tokenizer
+    from stages.model import llama_config
+    tok = train_tokenizer(iter(["some text to learn merges from"] * 20), 300)
+    model = AutoModelForCausalLM.from_config(llama_config("tiny", len(tok), tok))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    bad = tmp_path / "nan-model"
+    model.save_pretrained(bad)
+    tok.save_pretrained(bad)
+    out = run_module(tmp_path, f"model.init_from={bad}", "deepspeed.num_gpus=1")
+    assert out.returncode != 0
+    assert "non-finite loss (nan) at step 0" in out.stderr and "Last good checkpoint" in out.stderr
+    assert not (tmp_path / "store" / "names" / "tiny-pretrain").exists()
