@@ -327,8 +327,10 @@ def main(argv: list[str] | None = None) -> None:
         dt = time.time() - t0
         done = step + 1
         row = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "step_s": dt,
-               "tokens_per_s": tokens_per_step / dt, "flops_per_s": fpt * tokens_per_step / dt,
-               "grad_norm": float(engine.get_global_grad_norm() or 0.0)}
+               "tokens_per_s": tokens_per_step / dt, "flops_per_s": fpt * tokens_per_step / dt}
+        grad_norm = engine.get_global_grad_norm()   # None under ZeRO-0: DeepSpeed drops it
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
         if peak:
             row["mfu"] = row["flops_per_s"] / (peak * d.world)
         if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
