@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 from stages import lineage
-from stages.artifacts import ArtifactError, ArtifactStore, default_store_root
+from stages.artifacts import ArtifactError, ArtifactStore, default_home, default_store_root
+from stages.config import ConfigError
 
 
 def _fmt_metrics(metrics: dict, keys=lineage.KEY_METRICS, limit: int = 4) -> str:
@@ -88,6 +91,68 @@ def cmd_gc(store: ArtifactStore, args) -> int:
     return 0
 
 
+def prefect_env() -> None:
+    """Prefect's state (database, logs) lives in alignflow's state directory, not ~/.prefect."""
+    os.environ.setdefault("PREFECT_HOME", str(default_home() / "prefect"))
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect makes one level only
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # The first start migrates a fresh database: slower than Prefect's 20 s default on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def cmd_run(store: ArtifactStore, args) -> int:
+    """Run the pipeline flow: embedded Prefect, or the server in PREFECT_API_URL if set."""
+    prefect_env()
+    from flows.params import PRESETS
+    from flows.pipeline import alignment_pipeline
+    params = PRESETS[args.preset].model_copy(deep=True)
+    params.store = store.root
+    for item in args.set or []:
+        stage, _, override = item.partition(":")
+        getattr(params, stage).overrides.append(override)
+    for stage in args.force or []:
+        getattr(params, stage).force = True
+    t0 = time.time()
+    result = alignment_pipeline(params)
+    print(summary(store, result, time.time() - t0))
+    return 0
+
+
+def cmd_server(store: ArtifactStore, args) -> int:
+    """Start the Prefect UI and API, on loopback unless asked otherwise."""
+    prefect_env()
+    exe = os.path.join(os.path.dirname(sys.executable), "prefect")
+    print(f"Prefect UI on http://{args.host}:{args.port} (state in {os.environ['PREFECT_HOME']}).\n"
+          f"Runs report there when started with "
+          f"PREFECT_API_URL=http://{args.host}:{args.port}/api", flush=True)
+    os.execv(exe, [exe, "server", "start", "--host", args.host, "--port", str(args.port)])
+
+
+def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str:
+    lines = ["", f"alignflow pipeline finished in {seconds / 60:.1f} min; store {store.root}", ""]
+    for stage, digest in result.items():
+        art = store.get(digest, verify=False)
+        m = art.manifest.get("metrics", {})
+        name = art.manifest.get("name") or stage
+        if stage == "pretrain":
+            verdict = "beats" if m["val_loss"] < m["unigram_val_loss"] else "does NOT beat"
+            what = (f"held-out loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f}) {verdict} the "
+                    f"unigram baseline {m['unigram_val_loss']:.3f}")
+        else:
+            what = f"{m.get('documents', '?')} documents, {m.get('chars', 0) / 1e6:.1f} MB of text"
+        lines.append(f"  {stage:<9} {name}  {art.short}  {what}")
+    last = next(reversed(result.values()))
+    name = store.get(last, verify=False).manifest.get("name")
+    lines += ["", "next:",
+              f"  alignflow lineage {name}          # the chain back to the raw sources",
+              f"  alignflow models                  # every model and its versions",
+              f"  files: {store.local_path(last) if store.local else store.root}",
+              "  UI: alignflow server, then open http://127.0.0.1:4200 and run with "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api"]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alignflow",
@@ -117,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("refs", nargs="*", help="default: every artifact in the store")
     s.set_defaults(func=cmd_verify)
 
+    s = sub.add_parser("run", help="run the pipeline flow (embedded Prefect, no server needed)")
+    s.add_argument("--preset", choices=["demo", "tiny"], default="demo",
+                   help="demo: the CPU demo on the demo corpus; tiny: seconds, for a smoke test")
+    s.add_argument("--set", action="append", metavar="STAGE:KEY=VALUE",
+                   help="config override for one stage, e.g. pretrain:train.max_steps=50")
+    s.add_argument("--force", action="append", metavar="STAGE",
+                   help="retrain this stage even if its inputs are unchanged")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("server", help="start the Prefect UI (127.0.0.1 unless --host is given)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=4200)
+    s.set_defaults(func=cmd_server)
+
     s = sub.add_parser("gc", help="remove staging left behind by killed writers")
     s.add_argument("--older-than", type=float, default=3600, metavar="SECONDS")
     s.set_defaults(func=cmd_gc)
@@ -128,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ArtifactStore(args.store)
     try:
         return args.func(store, args)
-    except ArtifactError as e:
+    except (ArtifactError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -123,7 +123,7 @@ def code_fingerprint() -> str:
 
 
 # Fields that say where a run happens, not what it computes: they never bust the cache.
-_NOT_INPUTS = (("run", "store"), ("run", "work_dir"), ("run", "log_every"),
+_NOT_INPUTS = (("run", "store"), ("run", "work_dir"), ("run", "log_every"), ("run", "force"),
                ("deepspeed", "master_port"), ("deepspeed", "hostfile"))
 
 
@@ -296,6 +296,10 @@ class ArtifactStore:
             os.replace(tmp, p)
         else:
             self.fs.pipe_file(path, data)  # single-object writes are atomic on object stores
+
+    def tag(self, name: str, ref: str) -> Version:
+        """Make an existing artifact the latest version of `name` (no-op if it already is)."""
+        return self._register(name, self.get(ref, verify=False).digest)
 
     def _register(self, name: str, digest: str) -> Version:
         _check_name(name)

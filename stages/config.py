@@ -42,6 +42,8 @@ class RunConfig(Strict):
                                  "Default: .alignflow/runs/<name>.")
     seed: int = Field(1337, description="One seed drives data order, init and sampling.")
     log_every: int = Field(10, gt=0, description="Steps between metric lines.")
+    force: bool = Field(False, description="Train even when an artifact with exactly these "
+                        "inputs (config, parents, code) exists; otherwise it is reused.")
 
 
 class ModelConfig(Strict):

@@ -283,6 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
         parents.append({"role": "init", "digest": store.resolve(cfg.model.init_from)})
     key = input_key("pretrain", resolved(cfg), parents)
+    if not cfg.run.force and (hit := store.find_by_inputs(key)) is not None:
+        # Same config, same data, same code: the result exists. Register it under this name.
+        if d.main:
+            store.tag(cfg.run.name, hit.digest)
+            E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
+            print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
+        dist.barrier()
+        return
     work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     ckpt = work / "checkpoints"
     metrics = E.Metrics(d, work)

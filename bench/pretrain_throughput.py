@@ -1,0 +1,161 @@
+"""Pretrain stage under the deepspeed launcher vs a bare PyTorch loop: tokens/s and their ratio.
+
+    .venv/bin/python bench/pretrain_throughput.py [--config configs/demo/pretrain.yaml]
+                                                  [--steps 60] [--skip 5] [k=v ...]
+
+Both run the same model (same seed), the same packed rows in the same order, the same AdamW,
+schedule and clipping. The stage runs first (it builds the dataset); the bare loop then reads
+the dataset artifact the stage trained on. Throughput is measured over steps after `--skip`
+warm-up steps; launcher start-up and data preparation are reported separately. Prints figures
+and writes bench/results/pretrain_throughput-<host>.json. A script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+BARE = r'''
+import json, sys, time, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from stages import data as D, engine as E
+from stages.artifacts import ArtifactStore
+from stages.config import PretrainConfig, load_config
+from stages.model import llama_config
+from stages.pretrain import batch_rows
+
+cfg = load_config(PretrainConfig, sys.argv[1], json.loads(sys.argv[2]))
+store = ArtifactStore(cfg.run.store)
+model_art = store.get(cfg.run.name)
+parents = {p["role"]: p["digest"] for p in model_art.parents}
+rows = D.read_rows(store.get(parents["dataset"]).local_path() / "train.parquet")
+tok = AutoTokenizer.from_pretrained(store.get(parents["tokenizer"]).local_path())
+E.seed_all(cfg.run.seed)
+torch.manual_seed(cfg.run.seed)
+model = AutoModelForCausalLM.from_config(llama_config(cfg.model.preset, len(tok), tok))
+model.train()
+opt = E.adamw(model, cfg.optim)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, E.lr_lambda(cfg.optim, cfg.train.max_steps))
+d = E.Dist(0, 1, 0, torch.device("cpu"))
+mb = cfg.train.micro_batch_size
+accum = cfg.train.global_batch_size // mb
+times, losses = [], []
+for step in range(cfg.train.max_steps):
+    t0 = time.time()
+    total = 0.0
+    for micro in range(accum):
+        x = torch.as_tensor(rows[batch_rows(step, micro, accum, mb, d, len(rows), cfg.run.seed)],
+                            dtype=torch.long)
+        loss = model(input_ids=x, labels=x).loss / accum
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.time() - t0)
+    losses.append(total)
+print(json.dumps({"step_s": times, "loss": losses, "threads": torch.get_num_threads()}))
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/demo/pretrain.yaml")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the rates")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    from flows.launch import build_command, run_stage
+    from stages.config import PretrainConfig, load_config
+    from stages.corpus import build_corpus
+    from stages.artifacts import ArtifactStore
+
+    work = Path(tempfile.mkdtemp(prefix="alignflow-bench-"))
+    home = os.environ.get("ALIGNFLOW_HOME", str(REPO / ".alignflow"))
+    store_root = str(Path(home) / "store")
+    overrides = [f"run.store={store_root}", f"run.work_dir={work}", "run.name=bench-pretrain",
+                 "run.log_every=1", f"train.max_steps={args.steps}", "train.eval_every=1000000",
+                 "checkpoint.every_steps=1000000", "checkpoint.resume=false", *args.overrides]
+    cfg = load_config(PretrainConfig, REPO / args.config, overrides)
+    if "demo_mixture" in cfg.data.mixture:
+        build_corpus(REPO / "datasets_cfg" / "demo_corpus.yaml", ArtifactStore(store_root))
+
+    cmd = build_command("pretrain", args.config, overrides)
+    t0 = time.time()
+    code, digest = run_stage(cmd, env={"ALIGNFLOW_HOME": home},
+                             on_line=lambda l: None if "it/s" in l else print(l))
+    wall_stage = time.time() - t0
+    if code != 0:
+        sys.exit(f"stage failed with exit code {code}")
+    (metrics_file,) = work.glob("*/metrics.jsonl")
+    stage_rows = [json.loads(l) for l in metrics_file.read_text().splitlines()]
+    stage_steps = [r["step_s"] for r in stage_rows][args.skip:]
+
+    t0 = time.time()
+    bare = subprocess.run([sys.executable, "-c", BARE, str(REPO / args.config),
+                           json.dumps(overrides)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "ALIGNFLOW_HOME": home})
+    wall_bare = time.time() - t0
+    if bare.returncode != 0:
+        sys.exit(f"bare loop failed:\n{bare.stderr[-3000:]}")
+    bare_out = json.loads(bare.stdout.strip().splitlines()[-1])
+    bare_steps = bare_out["step_s"][args.skip:]
+
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    stage_tps = tokens_per_step * len(stage_steps) / sum(stage_steps)
+    bare_tps = tokens_per_step * len(bare_steps) / sum(bare_steps)
+    loss_gap = max(abs(a["loss"] - b) for a, b in zip(stage_rows, bare_out["loss"]))
+    result = {
+        "benchmark": "pretrain_throughput", "config": args.config, "overrides": args.overrides,
+        "steps": args.steps, "measured_steps": len(stage_steps), "tokens_per_step": tokens_per_step,
+        "stage_tokens_per_s": stage_tps, "bare_tokens_per_s": bare_tps,
+        "ratio": stage_tps / bare_tps,
+        "stage_step_s_median": statistics.median(stage_steps),
+        "bare_step_s_median": statistics.median(bare_steps),
+        "stage_wall_s": wall_stage, "bare_wall_s": wall_bare,
+        "max_loss_difference": loss_gap, "bare_threads": bare_out["threads"],
+        "machine": machine_info(), "artifact": digest,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    print(f"\npretrain throughput ({args.config}, {len(stage_steps)} steps measured, "
+          f"{tokens_per_step} tokens/step)")
+    print(f"  stage under deepspeed launcher : {stage_tps:10.0f} tokens/s "
+          f"(median step {result['stage_step_s_median']:.3f}s)")
+    print(f"  bare PyTorch loop              : {bare_tps:10.0f} tokens/s "
+          f"(median step {result['bare_step_s_median']:.3f}s)")
+    print(f"  ratio stage / bare             : {result['ratio']:10.3f}   (target >= 0.95)")
+    print(f"  wall time incl. start-up       : stage {wall_stage:.1f}s, bare {wall_bare:.1f}s")
+    print(f"  largest per-step loss gap      : {loss_gap:.2e}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"pretrain_throughput-{result['machine']['device_slug']}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"  written to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+def machine_info() -> dict:
+    import torch
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device_slug": (gpu or f"cpu{os.cpu_count()}").replace(" ", "-").lower()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Prefect flows: the pipeline diagram and one subflow per stage. They only orchestrate: build
+the launch command, stream its output into the Prefect logs, pass artifact references, publish
+Prefect artifacts. Everything heavy happens in the stage processes."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import get_run_context
+
+from flows.launch import build_command, run_stage
+from flows.params import PipelineParams, StageParams
+from stages import lineage
+from stages.artifacts import ArtifactStore
+
+
+@task(name="corpus")
+def corpus_task(recipe: str, store: str | None) -> str:
+    """Build (or reuse) the corpus artifact a mixture reads."""
+    from stages.corpus import build_corpus
+    log = get_run_logger()
+    return build_corpus(recipe, ArtifactStore(store), log=log.info).digest
+
+
+@task(name="launch")
+def launch_task(stage: str, params: StageParams, store: str | None) -> str:
+    """Run `deepspeed --module stages.<stage>` and return the artifact digest it printed."""
+    log = get_run_logger()
+    overrides = [*([f"run.store={store}"] if store else []),
+                 *(["run.force=true"] if params.force else []), *params.overrides]
+    cmd = build_command(stage, params.config, overrides)
+    log.info("launching: %s", " ".join(cmd))
+    ctx = get_run_context()
+    run_id = str(getattr(getattr(ctx, "task_run", None), "flow_run_id", "") or "")
+    code, digest = run_stage(cmd, env={"ALIGNFLOW_FLOW_RUN_ID": run_id}, on_line=log.info)
+    if code != 0 or not digest:
+        raise RuntimeError(f"stage {stage} failed with exit code {code}; see the log above")
+    return digest
+
+
+def publish(stage: str, digest: str, store: ArtifactStore) -> None:
+    """Report, metrics table and the model's lineage as Prefect artifacts."""
+    art = store.get(digest, verify=False)
+    name = art.manifest.get("name") or stage
+    g = lineage.build(store, digest)
+    metrics = {k: v for k, v in art.manifest.get("metrics", {}).items()
+               if isinstance(v, (int, float))}
+    create_table_artifact(key=f"{slug(name)}-metrics", table=[
+        {"metric": k, "value": round(v, 6) if isinstance(v, float) else v}
+        for k, v in sorted(metrics.items())], description=f"{stage} metrics of {art.short}")
+    create_markdown_artifact(key=f"{slug(name)}-lineage", description=f"lineage of {name}",
+                             markdown=f"# {name} `{art.short}`\n\nStore: `{store.root}`\n\n"
+                                      f"```\n{lineage.render_text(g)}\n```\n\n"
+                                      f"```mermaid\n{lineage.render_mermaid(g)}\n```\n")
+
+
+def slug(name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+@flow(name="pretrain")
+def pretrain_flow(params: StageParams, store: str | None = None) -> str:
+    digest = launch_task("pretrain", params, store)
+    publish("pretrain", digest, ArtifactStore(store))
+    return digest
+
+
+@flow(name="alignment-pipeline")
+def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, str]:
+    """corpus -> pretrain (-> sft -> rm -> ppo, as those stages land)."""
+    out = {}
+    if params.corpus:
+        out["corpus"] = corpus_task(params.corpus, params.store)
+    out["pretrain"] = pretrain_flow(params.pretrain, params.store)
+    return out
