@@ -188,6 +188,49 @@ class MixtureConfig(Strict):
         return out
 
 
+# --- example sets for sft, rm and ppo (datasets_cfg/*.yaml) -------------------------------
+
+class ExampleSource(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    type: Literal["tasks", "files", "hub"] = Field(description="tasks: generated verifiable "
+                                                   "tasks; files: local jsonl/parquet; hub: a "
+                                                   "Hugging Face dataset.")
+    weight: float = Field(1.0, gt=0, description="Share of the examples, normalized over sources.")
+    families: list[str] | None = Field(None, description="tasks: families from stages.tasks.")
+    paths: list[str] | None = Field(None, description="files: globs (.jsonl or .parquet).")
+    dataset: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    prompt_field: str = "prompt"
+    completion_field: str = Field("completion", description="sft: the answer to learn.")
+    chosen_field: str = Field("chosen", description="preference: the better response.")
+    rejected_field: str = Field("rejected", description="preference: the worse response.")
+    margin_field: str | None = Field(None, description="preference: optional margin column.")
+
+    @model_validator(mode="after")
+    def _type_fields(self):
+        need = {"tasks": "families", "files": "paths", "hub": "dataset"}[self.type]
+        if not getattr(self, need):
+            raise ValueError(f"source type '{self.type}' needs {need}")
+        if self.type == "tasks":
+            from stages.tasks import FAMILIES
+            bad = [f for f in self.families if f not in FAMILIES]
+            if bad:
+                raise ValueError(f"unknown task families {bad}; allowed: {', '.join(FAMILIES)}")
+        return self
+
+
+class ExampleSetConfig(Strict):
+    name: str = Field(description="Artifact name of the built set.")
+    kind: Literal["sft", "preference", "prompts"] = Field(description="sft: prompt/completion; "
+                                                           "preference: prompt/chosen/rejected; "
+                                                           "prompts: prompts for PPO rollouts.")
+    train_examples: int = Field(gt=0, description="Training examples over all sources.")
+    eval_examples: int = Field(gt=0, description="Held-out examples, disjoint from training.")
+    seed: int = 0
+    sources: list[ExampleSource] = Field(min_length=1)
+
+
 # --- pretrain -----------------------------------------------------------------------------
 
 class PretrainDataConfig(Strict):

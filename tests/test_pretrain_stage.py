@@ -74,7 +74,14 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     assert code == 0, out[-3000:]
     straight = metrics_by_step(tmp_path / "straight")
 
-    # second run of the same config: SIGKILL the launcher and every rank after a checkpoint
+    # unchanged inputs: the stage reuses the model instead of training again
+    code, digest, out, store = launch(tmp_path, *steps, work="again")
+    assert code == 0 and "unchanged inputs: reusing" in out
+    assert digest == store.resolve("tiny-pretrain") and len(store.versions("tiny-pretrain")) == 1
+    assert not list((tmp_path / "again").glob("*/metrics.jsonl"))
+
+    # the same config forced: SIGKILL the launcher and every rank after a checkpoint
+    steps.append("run.force=true")
     cmd = build_command("pretrain", TINY, [f"run.store={tmp_path / 'store'}",
                                            f"run.work_dir={tmp_path / 'killed'}", *steps])
     env = {**os.environ, "ALIGNFLOW_HOME": str(tmp_path / "home")}

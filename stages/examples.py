@@ -1,0 +1,173 @@
+"""Example sets for sft, rm and ppo: prompt/completion, prompt/chosen/rejected, or prompts.
+
+A set is built from its YAML (datasets_cfg/) by mixing sources by weight, checked record by
+record, split into train and held-out eval (disjoint prompts), and stored as a `dataset` artifact
+(train.jsonl, eval.jsonl, stats.json), reused while its inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from stages import tasks
+from stages.artifacts import ArtifactStore, default_home, input_key, json_digest, sha256_file
+from stages.config import ConfigError, ExampleSetConfig, ExampleSource, find_file
+from stages.data import DataError, source_files
+
+
+def load_example_set(path: str | Path) -> ExampleSetConfig:
+    p = find_file(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: dataset config not found")
+    try:
+        return ExampleSetConfig.model_validate(yaml.safe_load(p.read_text()) or {})
+    except ValidationError as e:
+        msgs = [f"  {'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})"
+                for x in e.errors()]
+        raise ConfigError(f"{path}: invalid dataset config\n" + "\n".join(msgs)) from None
+
+
+# --- reading ------------------------------------------------------------------------------
+
+def _rows(src: ExampleSource) -> list[tuple[str, dict]]:
+    """(where, row) of a files or hub source; `where` names file and line for errors."""
+    if src.type == "hub":
+        import datasets  # the network is needed only here
+        ds = datasets.load_dataset(src.dataset, src.subset, split=src.split)
+        return [(f"{src.dataset}[{i}]", dict(r)) for i, r in enumerate(ds)]
+    out = []
+    for f in source_files(src):
+        if f.suffix == ".jsonl":
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                if line.strip():
+                    out.append((f"{f}:{i}", json.loads(line)))
+        else:
+            import pyarrow.parquet as pq
+            out += [(f"{f}[{i}]", r) for i, r in enumerate(pq.read_table(f).to_pylist())]
+    return out
+
+
+def _record(where: str, row: dict, src: ExampleSource, kind: str) -> dict:
+    fields = {"sft": [src.prompt_field, src.completion_field],
+              "preference": [src.prompt_field, src.chosen_field, src.rejected_field],
+              "prompts": [src.prompt_field]}[kind]
+    if src.margin_field and kind == "preference":
+        fields.append(src.margin_field)
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing} (source {src.name}); fields: "
+                        f"{', '.join(row)}")
+    rec = {"source": src.name, "prompt": str(row[src.prompt_field])}
+    if kind == "sft":
+        rec["completion"] = str(row[src.completion_field])
+    elif kind == "preference":
+        rec["chosen"], rec["rejected"] = str(row[src.chosen_field]), str(row[src.rejected_field])
+        if src.margin_field:
+            rec["margin"] = float(row[src.margin_field])
+    check_record(rec, where)
+    return rec
+
+
+def check_record(rec: dict, where: str) -> None:
+    if not rec["prompt"].strip():
+        raise DataError(f"{where}: empty prompt")
+    if "completion" in rec and not rec["completion"].strip():
+        raise DataError(f"{where}: empty completion")
+    if "chosen" in rec and rec["chosen"].strip() == rec["rejected"].strip():
+        raise DataError(f"{where}: chosen is identical to rejected ({rec['chosen'][:60]!r})")
+
+
+def _task_record(ex: dict, kind: str) -> dict:
+    rec = {"source": "tasks", "task": ex["task"], "prompt": ex["prompt"], "answer": ex["answer"]}
+    if kind == "sft":
+        rec["completion"] = ex["answer"]
+    elif kind == "preference":
+        rec["chosen"], rec["rejected"] = ex["answer"], ex["wrong"]
+    return rec
+
+
+def source_examples(src: ExampleSource, kind: str, n_train: int, n_eval: int,
+                    seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) of one source; eval prompts never appear in train."""
+    if src.type == "tasks":
+        held = tasks.generate(src.families, n_eval, seed=seed * 2 + 1, unique=True)
+        train = tasks.generate(src.families, n_train, seed=seed * 2,
+                               exclude={e["prompt"] for e in held})
+        return [_task_record(e, kind) for e in train], [_task_record(e, kind) for e in held]
+    recs = [_record(w, r, src, kind) for w, r in _rows(src)]
+    random.Random(f"{seed}:{src.name}").shuffle(recs)
+    eval_recs, eval_prompts = [], set()
+    for r in recs:
+        if len(eval_recs) == n_eval:
+            break
+        eval_recs.append(r)
+        eval_prompts.add(r["prompt"])
+    train = [r for r in recs if r["prompt"] not in eval_prompts][:n_train]
+    if len(train) < n_train or len(eval_recs) < n_eval:
+        raise DataError(f"source {src.name}: has {len(recs)} examples; needs {n_train} for "
+                        f"training and {n_eval} held out (with disjoint prompts)")
+    return train, eval_recs
+
+
+# --- building -----------------------------------------------------------------------------
+
+def build(cfg: ExampleSetConfig, out: Path) -> dict:
+    total_w = sum(s.weight for s in cfg.sources)
+    train, held, per_source = [], [], {}
+    for src in cfg.sources:
+        share = src.weight / total_w
+        n_train, n_eval = round(share * cfg.train_examples), max(1, round(share * cfg.eval_examples))
+        t, e = source_examples(src, cfg.kind, n_train, n_eval, cfg.seed)
+        train += t
+        held += e
+        per_source[src.name] = {"train": len(t), "eval": len(e)}
+    rng = random.Random(f"{cfg.seed}:mix")
+    rng.shuffle(train)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, recs in (("train", train), ("eval", held)):
+        with open(out / f"{name}.jsonl", "w") as f:
+            for r in recs:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    stats = {"kind": cfg.kind, "train": len(train), "eval": len(held), "sources": per_source}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+    return stats
+
+
+def _fingerprint(src: ExampleSource) -> dict:
+    if src.type == "files":
+        return {"sha256": json_digest([(f.name, sha256_file(f)) for f in source_files(src)])}
+    return {}
+
+
+def get_example_set(path: str | Path, store: ArtifactStore, log=print):
+    """The dataset artifact of this YAML, built unless these inputs were built before."""
+    cfg = load_example_set(path)
+    spec = {"set": cfg.model_dump(mode="json"),
+            "fingerprints": [_fingerprint(s) for s in cfg.sources]}
+    key = input_key(f"examples-{cfg.kind}", spec, [])
+    if (hit := store.find_by_inputs(key)) is not None:
+        return hit
+    t0 = time.time()
+    out = default_home() / "tmp" / f"examples-{key[:12]}"
+    stats = build(cfg, out)
+    sources = [{"name": s.name, "domain": s.type, **({"paths": s.paths} if s.paths else {}),
+                **({"dataset": s.dataset} if s.dataset else {}),
+                **({"families": s.families} if s.families else {}), **_fingerprint(s)}
+               for s in cfg.sources]
+    art = store.put(out, kind="dataset", stage="data", name=cfg.name, config=spec,
+                    input_key=key, move=True, metrics={"rows": stats["train"],
+                                                       "eval_rows": stats["eval"]},
+                    timings={"build_s": round(time.time() - t0, 2)},
+                    extra={"sources": sources, "example_stats": stats})
+    log(f"[examples] {cfg.name}: {stats['train']} train / {stats['eval']} eval -> {art.short}")
+    return art
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
