@@ -282,7 +282,9 @@ class SFTDataConfig(Strict):
                             "and truncated.")
     packing: bool = Field(False, description="Pack examples into full rows (faster, no padding).")
     completion_only: bool = Field(True, description="Loss on answer tokens only.")
-    eval_examples: int = Field(200, gt=0)
+    eval_examples: int = Field(200, gt=0, description="Held-out task prompts answered by "
+                               "generation for gold accuracy (parent and result).")
+    eval_max_new_tokens: int = Field(16, gt=0, description="Generation budget per answer.")
 
 
 class SFTConfig(Strict):

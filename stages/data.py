@@ -26,6 +26,11 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")   # reserved now so SFT needs no new embeddings
 SPECIAL_TOKENS = (EOS, PAD, *CHAT_TOKENS)
+CHAT_EOS = "<|im_end|>"   # ends every turn; SFT makes it the EOS so generation stops there
+# ChatML. The assistant turn ends with <|im_end|>, which SFT trains on, so rollouts stop.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BYTE_ALPHABET = 256
 
 

@@ -45,6 +45,12 @@ def init_distributed() -> Dist:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Share the cores among the ranks of this node: two ranks with two threads each on
+            # two cores spend their time fighting over them. Set before accelerate looks.
+            per_rank = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", 1)))
+            os.environ["OMP_NUM_THREADS"] = str(per_rank)
+            torch.set_num_threads(per_rank)
     if "RANK" not in os.environ:  # plain `python -m stages.x`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

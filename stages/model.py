@@ -67,3 +67,64 @@ def device_peak_flops(device_name: str) -> float | None:
         if key in device_name:
             return flops
     return None
+
+
+# --- parents and evaluation by generation --------------------------------------------------
+
+def parent_model(store, ref: str, role: str, causal: bool = True, stages: tuple = ()):
+    """A verified model artifact of the right kind, or a ConfigError naming what is wrong."""
+    import json
+    from stages.config import ConfigError
+    art = store.get(ref)
+    if art.kind != "model":
+        raise ConfigError(f"{role} '{ref}' is a {art.kind} artifact; a model is needed")
+    if stages and art.stage not in stages:
+        raise ConfigError(f"{role} '{ref}' comes from stage {art.stage}; needs one of "
+                          f"{', '.join(stages)}")
+    arch = json.loads((art.local_path() / "config.json").read_text()).get("architectures", [""])[0]
+    want = "ForCausalLM" if causal else "ForSequenceClassification"
+    if not arch.endswith(want):
+        raise ConfigError(f"{role} '{ref}' is a {arch}; needs a ...{want}")
+    return art
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def chat_prompt(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                   add_generation_prompt=True)
+
+
+def gold_accuracy(model, tok, recs: list[dict], max_new_tokens: int, batch: int = 32) -> dict:
+    """Greedy answers to task prompts, checked against their known answers."""
+    import torch
+    from stages.tasks import check
+    model.eval()
+    tok.padding_side = "left"   # generation continues from the right edge of every row
+    hits, by_task, ended, samples = 0, {}, 0, []
+    with torch.no_grad():
+        for i in range(0, len(recs), batch):
+            chunk = recs[i:i + batch]
+            enc = tok([chat_prompt(tok, r["prompt"]) for r in chunk], return_tensors="pt",
+                      padding=True, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            for r, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                text = tok.decode(ids, skip_special_tokens=False)
+                stopped = tok.eos_token in text
+                answer = text.split(tok.eos_token)[0].replace(tok.pad_token or "\0", "")
+                ok = check(r["answer"], answer)
+                hits += ok
+                ended += stopped
+                t = by_task.setdefault(r.get("task", "?"), [0, 0])
+                t[0] += ok
+                t[1] += 1
+                if len(samples) < 12:
+                    samples.append({"prompt": r["prompt"], "answer": r["answer"],
+                                    "response": answer, "correct": bool(ok)})
+    n = max(len(recs), 1)
+    return {"accuracy": hits / n, "eos_rate": ended / n, "samples": samples,
+            "by_task": {k: v[0] / v[1] for k, v in sorted(by_task.items())}}

@@ -30,6 +30,14 @@ def main():
             for doc in docs:
                 f.write(json.dumps({"text": doc}) + "\n")
         print(d, len(docs), sum(len(x) for x in docs))
+    # Question/answer pairs for the SFT fixture: each topic page's opening sentence.
+    with open(OUT / "faq.jsonl", "w") as f:
+        for name, text in PROSE[:60]:
+            first = " ".join(text.strip().split("\n\n")[1:2]).replace("\n", " ")[:160]
+            answer = first.rsplit(" ", 1)[0] if len(first) == 160 else first
+            if answer:
+                f.write(json.dumps({"question": f"What is '{name}' in Python?",
+                                    "answer": answer}) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""Stage rm: a reward model (one score per sequence) from an SFT model, with TRL.
+
+    deepspeed --num_gpus 2 --module stages.rm --config configs/tiny/rm.yaml [k=v ...]
+
+setup:  validate config, SFT parent and preference set; rank 0 builds or reuses the set; drop
+        (and count) pairs longer than max_length; the SFT model gets a fresh scalar score head.
+train:  TRL RewardTrainer, pairwise loss -logsigmoid(chosen - rejected [- margin]) plus a small
+        centering term so rewards stay near zero; checkpoints every N steps, resumed after a kill.
+save:   HF safetensors (AutoModelForSequenceClassification) with the tokenizer; held-out pairwise
+        accuracy; mean and std of rewards over the held-out set, which PPO uses to normalize.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from stages import data as D
+from stages import engine as E
+from stages.artifacts import ArtifactError, ArtifactStore, input_key
+from stages.config import ConfigError, RMConfig, parse_stage_args, resolved
+from stages.examples import get_example_set, load_example_set, read_jsonl
+from stages.model import load_tokenizer, parent_model
+
+
+def preflight(cfg: RMConfig, store: ArtifactStore):
+    """Every check that can fail before the first expensive step."""
+    parent = parent_model(store, cfg.parent, "parent", causal=True, stages=("sft",))
+    ds = load_example_set(cfg.data.dataset)
+    if ds.kind != "preference":
+        raise ConfigError(f"{cfg.data.dataset}: kind is '{ds.kind}', stage rm needs 'preference'")
+    tok = load_tokenizer(parent.local_path())
+    if tok.pad_token is None:
+        raise D.DataError(f"parent {cfg.parent}: tokenizer has no pad token")
+    if not tok.chat_template:
+        raise D.DataError(f"parent {cfg.parent}: tokenizer has no chat template (not an SFT model)")
+    return parent
+
+
+def conversational(recs: list[dict]) -> list[dict]:
+    out = []
+    for r in recs:
+        ex = {"prompt": [{"role": "user", "content": r["prompt"]}],
+              "chosen": [{"role": "assistant", "content": r["chosen"]}],
+              "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        if "margin" in r:
+            ex["margin"] = r["margin"]
+        out.append(ex)
+    return out
+
+
+def drop_too_long(recs: list[dict], tok, max_length: int) -> tuple[list[dict], int]:
+    keep = [r for r in recs if max(len(tok.apply_chat_template(r["prompt"] + r[k], tokenize=True))
+                                   for k in ("chosen", "rejected")) <= max_length]
+    return keep, len(recs) - len(keep)
+
+
+@torch.no_grad()
+def score(model, tok, recs: list[dict], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected for each pair, as PPO will compute them."""
+    model.eval()
+    tok.padding_side = "right"
+    out = {"chosen": [], "rejected": []}
+    for k in out:
+        for i in range(0, len(recs), batch):
+            texts = [tok.apply_chat_template(r["prompt"] + r[k], tokenize=False)
+                     for r in recs[i:i + batch]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out[k].append(model(**enc).logits[:, 0].float())
+    return torch.cat(out["chosen"]), torch.cat(out["rejected"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, cfg_path, overrides = parse_stage_args(RMConfig, sys.argv[1:] if argv is None else argv)
+    t_start = time.time()
+    store = ArtifactStore(cfg.run.store)
+    parent = preflight(cfg, store)
+    d = E.init_distributed()
+    E.seed_all(cfg.run.seed)
+    try:
+        data_digest = E.broadcast(get_example_set(cfg.data.dataset, store).digest
+                                  if d.main else None, d)
+    except Exception as e:  # noqa: BLE001 - a rank-0 failure must reach every rank
+        data_digest = E.broadcast(e if d.main else None, d)
+    data_art = store.get(data_digest)
+    parents = [{"role": "model", "digest": parent.digest},
+               {"role": "dataset", "digest": data_art.digest}]
+    key = input_key("rm", resolved(cfg), parents)
+    if not cfg.run.force and (hit := store.find_by_inputs(key)) is not None:
+        if d.main:
+            store.tag(cfg.run.name, hit.digest)
+            E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
+            print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
+        dist.barrier()
+        return
+
+    tok = load_tokenizer(parent.local_path())
+    train, dropped = drop_too_long(conversational(read_jsonl(data_art.local_path() /
+                                                             "train.jsonl")), tok,
+                                   cfg.data.max_length)
+    evalset, dropped_eval = drop_too_long(conversational(read_jsonl(data_art.local_path() /
+                                                                    "eval.jsonl")), tok,
+                                          cfg.data.max_length)
+    evalset = evalset[: cfg.data.eval_examples]
+    E.log(d, f"rm {cfg.run.name}: {len(train)} train / {len(evalset)} eval pairs; dropped "
+             f"{dropped} + {dropped_eval} longer than data.max_length={cfg.data.max_length}")
+    if not train or not evalset:
+        raise D.DataError(f"{cfg.data.dataset}: no pairs left within data.max_length")
+
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import RewardConfig, RewardTrainer
+
+    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        parent.local_path(), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
+    prec = E.precision(cfg.deepspeed)
+    args = RewardConfig(
+        output_dir=str(work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
+        per_device_train_batch_size=cfg.train.micro_batch_size,
+        per_device_eval_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=ds_cfg["gradient_accumulation_steps"],
+        max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
+        warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.optim.grad_clip, bf16=prec == "bf16", fp16=prec == "fp16",
+        gradient_checkpointing=False, logging_steps=cfg.run.log_every, eval_strategy="steps",
+        eval_steps=cfg.train.eval_every, save_strategy="steps",
+        save_steps=cfg.checkpoint.every_steps, save_total_limit=cfg.checkpoint.keep_last,
+        report_to=["tensorboard"], max_length=cfg.data.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
+        disable_tqdm=not d.main, use_cpu=not torch.cuda.is_available())
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                            eval_dataset=Dataset.from_list(evalset), processing_class=tok)
+    last = get_last_checkpoint(str(work / "checkpoints")) if cfg.checkpoint.resume and \
+        (work / "checkpoints").is_dir() else None
+    if last:
+        E.log(d, f"resumed from {last}")
+    t_train = time.time()
+    trainer.train(resume_from_checkpoint=last)
+    eval_metrics = trainer.evaluate()
+    t_end_train = time.time()
+
+    # --- save -----------------------------------------------------------------------------
+    export = work / "export"
+    trainer.save_model(str(export))
+    dist.barrier()
+    if d.main:
+        tok.save_pretrained(export)
+        result = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32)
+        chosen, rejected = score(result, tok, evalset)
+        both = torch.cat([chosen, rejected])
+        stats = {"reward_mean": both.mean().item(), "reward_std": both.std().item(),
+                 "pairs": len(evalset)}
+        (export / "reward_stats.json").write_text(json.dumps(stats, indent=2))
+        (export / "train_log.jsonl").write_text("".join(
+            json.dumps(r) + "\n" for r in trainer.state.log_history))
+        metrics = {"pairwise_accuracy": (chosen > rejected).float().mean().item(),
+                   "reward_margin": (chosen - rejected).mean().item(), **stats,
+                   "eval_loss": eval_metrics.get("eval_loss"), "train_pairs": len(train),
+                   "dropped_too_long": dropped + dropped_eval}
+        art = store.put(export, kind="model", stage="rm", name=cfg.run.name, parents=parents,
+                        config=resolved(cfg), input_key=key, metrics=metrics, move=True,
+                        datasets={"train": {"digest": data_art.digest, "pairs": len(train)}},
+                        timings={"train_s": t_end_train - t_train,
+                                 "total_s": time.time() - t_start},
+                        command=E.launch_command("rm", cfg_path, overrides, cfg.deepspeed))
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+        E.log(d, f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.3f}; rewards "
+                 f"{stats['reward_mean']:.3f} +- {stats['reward_std']:.3f}")
+        E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
+        print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, D.DataError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

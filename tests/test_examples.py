@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import yaml
+
+from stages import examples as X
+from stages import tasks
+from stages.artifacts import ArtifactStore
+from stages.config import ConfigError
+from stages.data import DataError
+from tests.conftest import REPO
+
+
+def test_tasks_are_correct_and_deterministic():
+    exs = tasks.generate(list(tasks.FAMILIES), 200, seed=3)
+    assert exs == tasks.generate(list(tasks.FAMILIES), 200, seed=3)
+    assert {e["task"] for e in exs} == set(tasks.FAMILIES)
+    for e in exs:
+        assert e["answer"] != e["wrong"]
+        if e["task"] == "add":
+            a, b = (int(x) for x in e["prompt"][len("What is "):-1].split(" + "))
+            assert int(e["answer"]) == a + b
+        if e["task"] == "sort":
+            nums = e["prompt"].split(": ")[1].split()
+            assert e["answer"].split() == sorted(nums, key=int)
+        if e["task"] == "larger":
+            a, b = (int(x) for x in e["prompt"][len("Which number is larger, "):-1].split(" or "))
+            assert int(e["answer"]) == max(a, b)
+
+
+def test_checker():
+    assert tasks.check("52", " 52\nmore text") and tasks.check("52", "52.")
+    assert not tasks.check("52", "37") and not tasks.check("2 7 9", "2 9 7")
+    with pytest.raises(ValueError, match="unknown task family"):
+        tasks.make("chess", __import__("random").Random(0))
+
+
+def test_eval_prompts_never_in_training():
+    held = tasks.generate(["add", "reverse"], 30, seed=1, unique=True)
+    train = tasks.generate(["add", "reverse"], 500, seed=0, exclude={e["prompt"] for e in held})
+    assert len({e["prompt"] for e in held}) == 30
+    assert not {e["prompt"] for e in held} & {e["prompt"] for e in train}
+
+
+def write_set(tmp_path, **kw):
+    p = tmp_path / "set.yaml"
+    p.write_text(yaml.safe_dump({"name": "s", "kind": "sft", "train_examples": 50,
+                                 "eval_examples": 10, **kw}))
+    return p
+
+
+def test_build_sft_set_mixes_sources_by_weight(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    path = REPO / "datasets_cfg" / "tiny_sft.yaml"
+    art = X.get_example_set(path, store, log=lambda m: None)
+    train = X.read_jsonl(art.local_path() / "train.jsonl")
+    held = X.read_jsonl(art.local_path() / "eval.jsonl")
+    assert len(train) == 400 and len(held) == 40
+    assert sum(r["source"] == "faq" for r in train) == 40          # weight 0.1 of 400
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert all(r["completion"] for r in train)
+    assert X.get_example_set(path, store).digest == art.digest     # reused, not rebuilt
+    assert art.manifest["kind"] == "dataset" and art.manifest["sources"][0]["name"] == "tasks"
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"question": "q"}], "missing field(s) ['answer']"),
+    ([{"question": "  ", "answer": "a"}], "empty prompt"),
+])
+def test_bad_sft_rows(tmp_path, rows, message):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_set(tmp_path, sources=[{"name": "f", "type": "files", "paths": [str(f)],
+                                         "prompt_field": "question",
+                                         "completion_field": "answer"}])
+    with pytest.raises(DataError, match=rf"d.jsonl:1: {message}".replace("[", r"\[")
+                       .replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        X.build(X.load_example_set(path), tmp_path / "out")
+
+
+def test_chosen_identical_to_rejected(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same "}) + "\n")
+    path = write_set(tmp_path, kind="preference", sources=[
+        {"name": "f", "type": "files", "paths": [str(f)]}])
+    with pytest.raises(DataError, match="p.jsonl:1: chosen is identical to rejected"):
+        X.build(X.load_example_set(path), tmp_path / "out")
+
+
+def test_too_few_examples_and_config_errors(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    path = write_set(tmp_path, sources=[{"name": "f", "type": "files", "paths": [str(f)]}])
+    with pytest.raises(DataError, match="source f: has 1 examples; needs 50"):
+        X.build(X.load_example_set(path), tmp_path / "out")
+    bad = write_set(tmp_path, sources=[{"name": "t", "type": "tasks", "families": ["chess"]}])
+    with pytest.raises(ConfigError, match="unknown task families"):
+        X.load_example_set(bad)
+    with pytest.raises(ConfigError, match="dataset config not found"):
+        X.load_example_set(tmp_path / "none.yaml")

@@ -1,0 +1,118 @@
+"""Stages sft and rm through the real deepspeed launcher on this CPU (tiny preset), chained:
+tiny pretrain -> sft -> rm, in one store."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.launch import build_command, run_stage
+from stages.artifacts import ArtifactStore
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs" / "tiny"
+
+
+def launch(root: Path, stage: str, *overrides):
+    cmd = build_command(stage, CONFIGS / f"{stage}.yaml",
+                        [f"run.store={root / 'store'}", f"run.work_dir={root / 'work'}",
+                         *overrides])
+    lines: list[str] = []
+    code, digest = run_stage(cmd, on_line=lines.append, timeout=600,
+                             env={"ALIGNFLOW_HOME": str(root / "home")})
+    assert code == 0, "\n".join(lines[-60:])
+    return digest, "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    launch(root, "pretrain", "deepspeed.num_gpus=1", "deepspeed.template=infra/deepspeed/zero0.json",
+           "train.global_batch_size=4")
+    sft, sft_log = launch(root, "sft")
+    rm, rm_log = launch(root, "rm")
+    return root, ArtifactStore(root / "store"), sft_log, rm_log
+
+
+def test_sft_writes_a_chat_model_whose_parent_is_its_input(chain):
+    root, store, log, _ = chain
+    art = store.get("tiny-sft")
+    roles = {p["role"]: p["digest"] for p in art.parents}
+    assert roles["model"] == store.resolve("tiny-pretrain")
+    assert store.get(roles["dataset"]).manifest["name"] == "tiny-sft-data"
+    m = art.manifest["metrics"]
+    assert {"gold_accuracy", "parent_gold_accuracy", "eval_loss", "eos_rate"} <= set(m)
+    assert m["train_examples"] == 400 and m["dropped_too_long"] == 0
+    assert "--module stages.sft" in art.manifest["command"]
+    script = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              "p = sys.argv[1]; t = AutoTokenizer.from_pretrained(p)\n"
+              "m = AutoModelForCausalLM.from_pretrained(p)\n"
+              "x = t.apply_chat_template([{'role': 'user', 'content': 'What is 2 + 3?'}],"
+              " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+              "y = m.generate(**x, max_new_tokens=4, do_sample=False)\n"
+              "print('OK', t.eos_token, type(m).__name__, y.shape[1] > x['input_ids'].shape[1])\n")
+    out = subprocess.run([sys.executable, "-c", script, str(art.local_path())],
+                         capture_output=True, text=True, timeout=300)
+    assert "OK <|im_end|> LlamaForCausalLM True" in out.stdout, out.stderr[-2000:]
+
+
+def test_rm_scores_pairs_and_stores_reward_statistics(chain):
+    root, store, _, log = chain
+    art = store.get("tiny-rm")
+    roles = {p["role"]: p["digest"] for p in art.parents}
+    assert roles["model"] == store.resolve("tiny-sft")
+    m = art.manifest["metrics"]
+    assert 0 <= m["pairwise_accuracy"] <= 1 and m["reward_std"] > 0 and m["train_pairs"] == 400
+    stats = json.loads((art.local_path() / "reward_stats.json").read_text())
+    assert stats["reward_mean"] == pytest.approx(m["reward_mean"])
+    assert "held-out pairwise accuracy" in log
+    script = ("import sys; from transformers import AutoModelForSequenceClassification as A\n"
+              "m = A.from_pretrained(sys.argv[1]); print('OK', m.config.num_labels)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(art.local_path())],
+                         capture_output=True, text=True, timeout=300)
+    assert "OK 1" in out.stdout, out.stderr[-2000:]
+
+
+def test_sft_with_lora_keeps_the_adapter_as_its_own_artifact(chain):
+    root, store, _, _ = chain
+    digest, log = launch(root, "sft", "lora.enabled=true", "lora.r=4", "run.name=tiny-sft-lora",
+                         "deepspeed.num_gpus=1", "train.global_batch_size=4")
+    art = store.get(digest)
+    roles = {p["role"]: p["digest"] for p in art.parents}
+    adapter = store.get(roles["adapter"])
+    assert adapter.kind == "adapter" and (adapter.local_path() / "adapter_config.json").exists()
+    assert not list(art.local_path().glob("adapter_*"))               # merged weights exported
+
+
+def test_too_long_examples_are_counted_and_dropped(chain):
+    from stages.sft import chat_tokenizer, conversational, drop_too_long
+    store = chain[1]
+    tok = chat_tokenizer(store.get("tiny-sft").local_path())
+    recs = conversational([{"prompt": "short", "completion": "ok"},
+                           {"prompt": "long " * 200, "completion": "ok"}])
+    keep, dropped = drop_too_long(recs, tok, max_length=32)
+    assert dropped == 1 and keep == recs[:1]
+
+
+def run_module(root: Path, stage: str, *overrides):
+    env = {**os.environ, "ALIGNFLOW_HOME": str(root / "home")}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", "--config",
+                           str(CONFIGS / f"{stage}.yaml"), f"run.store={root / 'store'}",
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("rm", "parent=tiny-pretrain", "comes from stage pretrain; needs one of sft"),
+    ("sft", "parent=tiny-sft-data", "is a dataset artifact; a model is needed"),
+    ("sft", "parent=tiny-rm", "is a LlamaForSequenceClassification; needs a ...ForCausalLM"),
+    ("sft", "data.dataset=datasets_cfg/tiny_rm.yaml", "kind is 'preference', stage sft needs 'sft'"),
+    ("sft", "optim_8bit=true", "optim_8bit=true needs a CUDA GPU"),
+    ("sft", "data.max_length=4096", "above the parent's 128 positions"),
+])
+def test_bad_input_fails_before_training(chain, stage, override, message):
+    root = chain[0]
+    out = run_module(root, stage, override)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
