@@ -98,6 +98,11 @@ def chat_prompt(tok, prompt: str) -> str:
                                    add_generation_prompt=True)
 
 
+def chat_length(tok, messages: list[dict]) -> int:
+    """Tokens of a conversation under the chat template (transformers 5 returns a dict)."""
+    return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
 def gold_accuracy(model, tok, recs: list[dict], max_new_tokens: int, batch: int = 32) -> dict:
     """Greedy answers to task prompts, checked against their known answers."""
     import torch

@@ -26,7 +26,7 @@ from stages import engine as E
 from stages.artifacts import ArtifactError, ArtifactStore, input_key
 from stages.config import ConfigError, RMConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
-from stages.model import load_tokenizer, parent_model
+from stages.model import chat_length, load_tokenizer, parent_model
 
 
 def preflight(cfg: RMConfig, store: ArtifactStore):
@@ -56,7 +56,7 @@ def conversational(recs: list[dict]) -> list[dict]:
 
 
 def drop_too_long(recs: list[dict], tok, max_length: int) -> tuple[list[dict], int]:
-    keep = [r for r in recs if max(len(tok.apply_chat_template(r["prompt"] + r[k], tokenize=True))
+    keep = [r for r in recs if max(chat_length(tok, r["prompt"] + r[k])
                                    for k in ("chosen", "rejected")) <= max_length]
     return keep, len(recs) - len(keep)
 

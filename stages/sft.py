@@ -28,7 +28,7 @@ from stages import engine as E
 from stages.artifacts import ArtifactError, ArtifactStore, input_key
 from stages.config import ConfigError, SFTConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
-from stages.model import gold_accuracy, load_tokenizer, parent_model
+from stages.model import chat_length, gold_accuracy, load_tokenizer, parent_model
 
 
 def preflight(cfg: SFTConfig, store: ArtifactStore):
@@ -72,7 +72,7 @@ def drop_too_long(recs: list[dict], tok, max_length: int) -> tuple[list[dict], i
     keep = []
     for r in recs:
         msgs = r["prompt"] + r["completion"]
-        if len(tok.apply_chat_template(msgs, tokenize=True)) <= max_length:
+        if chat_length(tok, msgs) <= max_length:
             keep.append(r)
     return keep, len(recs) - len(keep)
 

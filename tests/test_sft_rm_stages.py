@@ -94,6 +94,10 @@ def test_too_long_examples_are_counted_and_dropped(chain):
                            {"prompt": "long " * 200, "completion": "ok"}])
     keep, dropped = drop_too_long(recs, tok, max_length=32)
     assert dropped == 1 and keep == recs[:1]
+    from stages.rm import conversational as pairs, drop_too_long as drop_pairs
+    recs = pairs([{"prompt": "p", "chosen": "a", "rejected": "b"},
+                  {"prompt": "p", "chosen": "a", "rejected": "long " * 200}])
+    assert drop_pairs(recs, tok, max_length=32) == (recs[:1], 1)
 
 
 def run_module(root: Path, stage: str, *overrides):
