@@ -105,14 +105,20 @@ def cmd_run(store: ArtifactStore, args) -> int:
     """Run the pipeline flow: embedded Prefect, or the server in PREFECT_API_URL if set."""
     prefect_env()
     from flows.params import PRESETS
-    from flows.pipeline import alignment_pipeline
+    from flows.pipeline import alignment_pipeline, validate
     params = PRESETS[args.preset].model_copy(deep=True)
     params.store = store.root
     for item in args.set or []:
         stage, _, override = item.partition(":")
-        getattr(params, stage).overrides.append(override)
+        stage_params = getattr(params, stage, None)
+        if stage_params is None or not override:
+            raise ConfigError(f"--set {item!r}: use STAGE:KEY=VALUE with a stage of this preset")
+        stage_params.overrides.append(override)
     for stage in args.force or []:
+        if getattr(params, stage, None) is None:
+            raise ConfigError(f"--force {stage!r}: not a stage of this preset")
         getattr(params, stage).force = True
+    validate(params)  # before Prefect starts: bad input costs a second, not a server start
     t0 = time.time()
     result = alignment_pipeline(params)
     print(summary(store, result, time.time() - t0))
@@ -139,6 +145,15 @@ def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str
             verdict = "beats" if m["val_loss"] < m["unigram_val_loss"] else "does NOT beat"
             what = (f"held-out loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f}) {verdict} the "
                     f"unigram baseline {m['unigram_val_loss']:.3f}")
+        elif stage == "sft":
+            verdict = "beats" if m["gold_accuracy"] > m["parent_gold_accuracy"] else \
+                "does NOT beat"
+            what = (f"held-out gold accuracy {m['gold_accuracy']:.3f} {verdict} the pretrained "
+                    f"model's {m['parent_gold_accuracy']:.3f}")
+        elif stage == "rm":
+            verdict = "meets" if m["pairwise_accuracy"] >= 0.85 else "is below"
+            what = (f"held-out pairwise accuracy {m['pairwise_accuracy']:.3f} ({verdict} the "
+                    f"0.85 target); rewards {m['reward_mean']:.2f} +- {m['reward_std']:.2f}")
         else:
             what = f"{m.get('documents', '?')} documents, {m.get('chars', 0) / 1e6:.1f} MB of text"
         lines.append(f"  {stage:<9} {name}  {art.short}  {what}")

@@ -20,9 +20,15 @@ class PipelineParams(BaseModel):
                                "build first; empty when the mixture needs no corpus artifact.")
     pretrain: StageParams = Field(default_factory=lambda: StageParams(
         config="configs/demo/pretrain.yaml"))
+    sft: StageParams | None = Field(default_factory=lambda: StageParams(
+        config="configs/demo/sft.yaml"), description="Empty to stop after pretraining.")
+    rm: StageParams | None = Field(default_factory=lambda: StageParams(
+        config="configs/demo/rm.yaml"), description="Empty to stop after SFT.")
 
 
-PRESETS = {
-    "demo": PipelineParams(),
-    "tiny": PipelineParams(corpus=None, pretrain=StageParams(config="configs/tiny/pretrain.yaml")),
-}
+def _tiny() -> PipelineParams:
+    return PipelineParams(corpus=None, **{s: StageParams(config=f"configs/tiny/{s}.yaml")
+                                          for s in ("pretrain", "sft", "rm")})
+
+
+PRESETS = {"demo": PipelineParams(), "tiny": _tiny()}

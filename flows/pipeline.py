@@ -23,11 +23,14 @@ def corpus_task(recipe: str, store: str | None) -> str:
 
 
 @task(name="launch")
-def launch_task(stage: str, params: StageParams, store: str | None) -> str:
-    """Run `deepspeed --module stages.<stage>` and return the artifact digest it printed."""
+def launch_task(stage: str, params: StageParams, store: str | None,
+                parents: dict[str, str] | None = None) -> str:
+    """Run `deepspeed --module stages.<stage>` and return the artifact digest it printed.
+    `parents` (config field -> digest) pins the exact artifacts the previous stages produced."""
     log = get_run_logger()
     overrides = [*([f"run.store={store}"] if store else []),
-                 *(["run.force=true"] if params.force else []), *params.overrides]
+                 *(["run.force=true"] if params.force else []),
+                 *(f"{k}={v}" for k, v in (parents or {}).items()), *params.overrides]
     cmd = build_command(stage, params.config, overrides)
     log.info("launching: %s", " ".join(cmd))
     ctx = get_run_context()
@@ -66,11 +69,42 @@ def pretrain_flow(params: StageParams, store: str | None = None) -> str:
     return digest
 
 
+@flow(name="sft")
+def sft_flow(params: StageParams, parent: str | None = None, store: str | None = None) -> str:
+    """Fine-tune `parent` (a digest or name@version; default: the config's parent)."""
+    digest = launch_task("sft", params, store, {"parent": parent} if parent else None)
+    publish("sft", digest, ArtifactStore(store))
+    return digest
+
+
+@flow(name="rm")
+def rm_flow(params: StageParams, parent: str | None = None, store: str | None = None) -> str:
+    """Train a reward model from the SFT model `parent` (default: the config's parent)."""
+    digest = launch_task("rm", params, store, {"parent": parent} if parent else None)
+    publish("rm", digest, ArtifactStore(store))
+    return digest
+
+
+def validate(params: PipelineParams) -> None:
+    """Load every stage's config with its overrides: a typo in the last stage fails now, not
+    after the first stages have trained."""
+    from stages.config import SCHEMAS, load_config
+    for stage in ("pretrain", "sft", "rm"):
+        p = getattr(params, stage)
+        if p is not None:
+            load_config(SCHEMAS[stage], p.config, p.overrides)
+
+
 @flow(name="alignment-pipeline")
 def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, str]:
-    """corpus -> pretrain (-> sft -> rm -> ppo, as those stages land)."""
+    """corpus -> pretrain -> sft -> rm (-> ppo, as that stage lands)."""
+    validate(params)
     out = {}
     if params.corpus:
         out["corpus"] = corpus_task(params.corpus, params.store)
     out["pretrain"] = pretrain_flow(params.pretrain, params.store)
+    if params.sft:
+        out["sft"] = sft_flow(params.sft, out["pretrain"], params.store)
+    if params.sft and params.rm:
+        out["rm"] = rm_flow(params.rm, out["sft"], params.store)
     return out

@@ -14,10 +14,7 @@ import re
 
 FAMILIES = ("larger", "add", "sort", "reverse", "label")
 
-_WORDS = ("cat", "dog", "sun", "map", "tree", "fish", "lamp", "rock", "bird", "milk", "star",
-          "ship", "frog", "king", "moon", "door", "rain", "wolf", "gold", "leaf", "cup", "pen",
-          "box", "hat", "bell", "corn", "desk", "drum", "fork", "game", "hill", "iron", "jar",
-          "kite", "lake", "nest", "park", "road", "salt", "tent")
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 # Chat-moderation labels decided by a word list: the rule is the ground truth.
 _RUDE = ("stupid", "idiot", "shut up", "hate you", "useless", "dumb")
 _KIND = ("thanks", "great job", "well done", "nice idea", "good morning", "see you")
@@ -42,7 +39,11 @@ def make(family: str, rng: random.Random) -> tuple[str, str, str]:
         return (f"Sort in ascending order: {' '.join(map(str, xs))}", " ".join(map(str, answer)),
                 " ".join(map(str, wrong)))
     if family == "reverse":
-        w = rng.choice(_WORDS)
+        # Pronounceable pseudo-words (thousands of them): reversal is learned, not memorized.
+        w = ""
+        while w == w[::-1]:  # a palindrome would make the near miss the answer
+            w = "".join(rng.choice(_CONSONANTS if i % 2 == 0 else _VOWELS)
+                        for i in range(rng.randint(3, 4)))
         return f"Reverse the letters of '{w}'.", w[::-1], w
     if family == "label":
         rude = rng.random() < 0.5

@@ -64,3 +64,28 @@ def pipeline_store(store, tmp_path):
               config={"kl": {"coef": 0.05}}, metrics={"reward_mean": 1.2, "kl": 2.0})
     return store, {"corpus": corpus, "tokenizer": tok, "dataset": data, "pretrain": pre,
                    "sft": sft, "rm": rm, "ppo": ppo}
+
+
+def launch_stage(root: Path, stage: str, *overrides, check: bool = True):
+    """Run a tiny stage config through the real deepspeed launcher into root/store."""
+    from flows.launch import build_command, run_stage
+    cmd = build_command(stage, REPO / "configs" / "tiny" / f"{stage}.yaml",
+                        [f"run.store={root / 'store'}", f"run.work_dir={root / 'work'}",
+                         *overrides])
+    lines: list[str] = []
+    code, digest = run_stage(cmd, on_line=lines.append, timeout=600,
+                             env={"ALIGNFLOW_HOME": str(root / "home")})
+    if check:
+        assert code == 0, "\n".join(lines[-60:])
+    return digest, "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """tiny pretrain (1 rank) -> sft -> rm (2 ranks each) in one store, shared by the tests."""
+    root = tmp_path_factory.mktemp("chain")
+    launch_stage(root, "pretrain", "deepspeed.num_gpus=1",
+                 "deepspeed.template=infra/deepspeed/zero0.json", "train.global_batch_size=4")
+    _, sft_log = launch_stage(root, "sft")
+    _, rm_log = launch_stage(root, "rm")
+    return root, ArtifactStore(root / "store"), sft_log, rm_log

@@ -57,3 +57,12 @@ def test_damaged_artifact_is_named(pipeline_store, capsys):
     assert code == 2 and str(victim) in err and "does not match its sha256" in err
     code, _, err = run(capsys, "--store", store.root, "lineage", "no-such-model")
     assert code == 2 and "no artifact or model named 'no-such-model'" in err
+
+
+def test_run_rejects_bad_stage_overrides(tmp_path, capsys):
+    code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
+                       "--set", "ppo:kl.coef=0.1")
+    assert code == 2 and "use STAGE:KEY=VALUE with a stage of this preset" in err
+    code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
+                       "--set", "pretrain:optim.lrr=1")
+    assert code == 2 and "unknown field 'optim.lrr'" in err

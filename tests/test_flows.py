@@ -30,26 +30,32 @@ def test_flows_never_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
-def test_pipeline_flow_runs_stage_and_publishes_lineage(harness, tmp_path):
+def test_pipeline_flow_chains_stages_and_publishes_lineage(harness, tmp_path):
     import asyncio
     from prefect.client.orchestration import get_client
     from flows.pipeline import alignment_pipeline
     params = PRESETS["tiny"].model_copy(deep=True)
     params.store = str(tmp_path / "store")
     out = alignment_pipeline(params)
+    assert set(out) == {"pretrain", "sft", "rm"}
     store = ArtifactStore(params.store)
-    art = store.get(out["pretrain"])
-    assert art.manifest["name"] == "tiny-pretrain" and art.manifest["flow_run_id"]
+    pre, sft, rm = (store.get(out[s]) for s in ("pretrain", "sft", "rm"))
+    assert pre.manifest["name"] == "tiny-pretrain" and pre.manifest["flow_run_id"]
+    assert {p["role"]: p["digest"] for p in sft.parents}["model"] == pre.digest
+    assert {p["role"]: p["digest"] for p in rm.parents}["model"] == sft.digest
+    # the flow passed the parent digest, not a name: the command in the manifest says so
+    assert f"parent={pre.digest}" in sft.manifest["command"]
 
     async def artifacts():
         async with get_client() as client:
             return {a.key: a for a in await client.read_artifacts() if a.key}
     got = asyncio.run(artifacts())
-    assert "tiny-pretrain-lineage" in got and "tiny-pretrain-metrics" in got
-    assert art.short in got["tiny-pretrain-lineage"].data
-    assert "flowchart BT" in got["tiny-pretrain-lineage"].data
+    for name in ("tiny-pretrain", "tiny-sft", "tiny-rm"):
+        assert f"{name}-lineage" in got and f"{name}-metrics" in got
+    assert rm.short in got["tiny-rm-lineage"].data and pre.short in got["tiny-rm-lineage"].data
+    assert "flowchart BT" in got["tiny-rm-lineage"].data
 
-    # a second run with unchanged inputs reuses the model instead of training again
+    # a second run with unchanged inputs reuses every model instead of training again
     again = alignment_pipeline(params)
-    assert again["pretrain"] == out["pretrain"]
-    assert len(store.versions("tiny-pretrain")) == 1
+    assert again == out
+    assert all(len(store.versions(n)) == 1 for n in ("tiny-pretrain", "tiny-sft", "tiny-rm"))

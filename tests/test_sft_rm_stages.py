@@ -8,32 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.launch import build_command, run_stage
 from stages.artifacts import ArtifactStore
-from tests.conftest import REPO
+from tests.conftest import REPO, launch_stage
 
 CONFIGS = REPO / "configs" / "tiny"
 
 
 def launch(root: Path, stage: str, *overrides):
-    cmd = build_command(stage, CONFIGS / f"{stage}.yaml",
-                        [f"run.store={root / 'store'}", f"run.work_dir={root / 'work'}",
-                         *overrides])
-    lines: list[str] = []
-    code, digest = run_stage(cmd, on_line=lines.append, timeout=600,
-                             env={"ALIGNFLOW_HOME": str(root / "home")})
-    assert code == 0, "\n".join(lines[-60:])
-    return digest, "\n".join(lines)
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
-    launch(root, "pretrain", "deepspeed.num_gpus=1", "deepspeed.template=infra/deepspeed/zero0.json",
-           "train.global_batch_size=4")
-    sft, sft_log = launch(root, "sft")
-    rm, rm_log = launch(root, "rm")
-    return root, ArtifactStore(root / "store"), sft_log, rm_log
+    return launch_stage(root, stage, *overrides)
 
 
 def test_sft_writes_a_chat_model_whose_parent_is_its_input(chain):

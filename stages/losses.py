@@ -1,0 +1,141 @@
+"""PPO math as small pure functions on tensors, each unit-tested on literal values.
+
+Shapes: [batch, response_len] with `mask` 1.0 on real response tokens (through the EOS) and 0.0
+on padding after it. Conventions follow "The N Implementation Details of RLHF with PPO"
+(Huang et al., 2023) and Ziegler et al. (2019): the reward model's score arrives at the last
+response token; every token pays a KL penalty to the reference policy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    return var * n / (n - 1).clamp(min=1)   # unbiased, as torch.var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalize over the real tokens; keep the mean for rewards (shift_mean=False)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+    """log pi(token) under logits scaled by the sampling temperature (as they were sampled)."""
+    return torch.gather(F.log_softmax(logits.float() / temperature, dim=-1), -1,
+                        tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || ref) from samples of pi (Schulman, "Approximating KL divergence").
+    k1 = log(pi/ref): unbiased, can be negative. k3 = (r - 1) - log r with r = ref/pi:
+    unbiased, never negative, lower variance."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(pi || ref) summed over the vocabulary: exact, never negative, and valid
+    for any decoded tokens (greedy evaluation), unlike the sample-based estimators."""
+    logp, ref = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - ref)).sum(-1)
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                  beta: float) -> torch.Tensor:
+    """-beta * KL on every response token, plus the sequence score on its last real token."""
+    rewards = -beta * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(score)), last] += score
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation backwards over the response; no bootstrap after the
+    last real token. Returns (advantages, returns = advantages + values)."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < rewards.shape[1]
+                                              else 0.0)) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate, averaged over real tokens."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+                 # 0.5 E[(log r)^2]: the approximate KL between the old and new policy
+                 "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, mask).item()}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: the worse of the clipped and unclipped squared errors, halved."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    a, b = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(a, b), mask)
+    with torch.no_grad():
+        stats = {"value_clipfrac": masked_mean((b > a).float(), mask).item()}
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 a constant one."""
+    var = masked_var(returns, mask)
+    if var.item() == 0:
+        return float("nan")
+    return (1 - masked_var(returns - values, mask) / var).item()
+
+
+class KLController:
+    """Fixed beta, or Ziegler et al.'s adaptive one: beta moves so the measured KL per sequence
+    approaches `target`, by at most 20% of the error per `horizon` sampled sequences."""
+
+    def __init__(self, beta: float, adaptive: bool, target: float, horizon: int):
+        self.beta, self.adaptive, self.target, self.horizon = beta, adaptive, target, horizon
+
+    def update(self, kl: float, n_sequences: int) -> None:
+        if not self.adaptive or not math.isfinite(kl):
+            return
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.beta *= 1 + error * n_sequences / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]

@@ -1,0 +1,92 @@
+"""Stage ppo through the real deepspeed launcher on this CPU: tiny SFT actor, tiny RM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.launch import build_command
+from tests.conftest import REPO, launch_stage
+
+STEPS = ["train.max_steps=4", "checkpoint.every_steps=2", "train.eval_every=100"]
+
+
+def rows(path):
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
+    root, store, _, _ = chain
+    digest, log = launch_stage(root, "ppo")
+    art = store.get(digest)
+    roles = {p["role"]: p["digest"] for p in art.parents}
+    assert roles["actor"] == store.resolve("tiny-sft") and roles["reward"] == store.resolve("tiny-rm")
+    assert store.get(roles["prompts"]).manifest["name"] == "tiny-prompts"
+    m = art.manifest["metrics"]
+    for k in ("reward_mean", "sft_reward_mean", "gold_accuracy", "sft_gold_accuracy", "kl",
+              "reward_hacking", "final_beta"):
+        assert k in m, k
+    assert m["kl"] >= 0                       # exact KL on greedy evaluation
+    log_rows = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text()
+                .splitlines()]
+    assert [r["step"] for r in log_rows] == [1, 2, 3]
+    first = log_rows[0]
+    for k in ("reward", "gold_accuracy", "kl", "entropy", "clipfrac", "approx_kl", "value_loss",
+              "explained_variance", "response_length", "gen_tokens_per_s",
+              "train_tokens_per_s", "generation_share"):
+        assert k in first, k
+    assert abs(first["kl"]) < 1e-5           # the actor starts as the reference
+    assert "SFT on held-out prompts" in log and "held-out: reward" in log
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; from transformers import AutoModelForCausalLM as A; "
+                          "print(type(A.from_pretrained(sys.argv[1])).__name__)",
+                          str(art.local_path())], capture_output=True, text=True, timeout=300)
+    assert "LlamaForCausalLM" in out.stdout, out.stderr[-2000:]
+
+
+def test_killed_ppo_resumes_to_the_same_rollouts(chain):
+    root, store, _, _ = chain
+    launch_stage(root, "ppo", *STEPS, f"run.work_dir={root / 'straight'}", "run.force=true")
+    straight = rows(next((root / "straight").glob("*/metrics.jsonl")))
+    cmd = build_command("ppo", REPO / "configs" / "tiny" / "ppo.yaml",
+                        [f"run.store={root / 'store'}", f"run.work_dir={root / 'killed'}",
+                         *STEPS, "run.force=true"])
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ALIGNFLOW_HOME": str(root / "home")})
+    deadline = time.time() + 300
+    while not list((root / "killed").glob("*/checkpoints/actor/latest")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, log = launch_stage(root, "ppo", *STEPS, f"run.work_dir={root / 'killed'}",
+                          "run.force=true")
+    assert "resumed from" in log and "at step 2" in log
+    resumed = rows(next((root / "killed").glob("*/metrics.jsonl")))
+    for step in (3, 4):
+        for k in ("reward", "kl", "policy_loss", "value_loss", "beta"):
+            assert resumed[step][k] == pytest.approx(straight[step][k], rel=1e-4, abs=1e-6), \
+                (step, k)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reward=tiny-sft", "comes from stage sft; needs one of rm"),
+    ("actor=tiny-rm", "comes from stage rm; needs one of sft, ppo"),
+    ("data.prompts=datasets_cfg/tiny_sft.yaml", "kind is 'sft', stage ppo needs 'prompts'"),
+    ("data.max_prompt_length=125", "leaves no room for rollout.max_new_tokens=8"),
+    ("data.max_prompt_length=12", "prompts are longer than data.max_prompt_length=12"),
+    ("ppo.minibatch_size=3", "does not divide the 8 rollouts per rank"),
+])
+def test_bad_input_fails_before_any_engine(chain, override, message):
+    root = chain[0]
+    env = {**os.environ, "ALIGNFLOW_HOME": str(root / "home")}
+    out = subprocess.run([sys.executable, "-m", "stages.ppo", "--config",
+                          str(REPO / "configs" / "tiny" / "ppo.yaml"),
+                          f"run.store={root / 'store'}", override], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "rollouts per rank per step" not in out.stderr   # no engine was built
