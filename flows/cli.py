@@ -154,6 +154,13 @@ def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str
             verdict = "meets" if m["pairwise_accuracy"] >= 0.85 else "is below"
             what = (f"held-out pairwise accuracy {m['pairwise_accuracy']:.3f} ({verdict} the "
                     f"0.85 target); rewards {m['reward_mean']:.2f} +- {m['reward_std']:.2f}")
+        elif stage == "ppo":
+            up = "raises" if m["reward_mean"] > m["sft_reward_mean"] else "does NOT raise"
+            gold = "raises" if m["gold_accuracy"] > m["sft_gold_accuracy"] else "does NOT raise"
+            what = (f"{up} held-out RM reward {m['sft_reward_mean']:.3f} -> "
+                    f"{m['reward_mean']:.3f}; {gold} gold accuracy {m['sft_gold_accuracy']:.3f} "
+                    f"-> {m['gold_accuracy']:.3f}; KL {m['kl']:.3f} (target "
+                    f"{m['kl_target']:.1f})" + ("; REWARD HACKING" if m["reward_hacking"] else ""))
         else:
             what = f"{m.get('documents', '?')} documents, {m.get('chars', 0) / 1e6:.1f} MB of text"
         lines.append(f"  {stage:<9} {name}  {art.short}  {what}")

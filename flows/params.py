@@ -24,11 +24,13 @@ class PipelineParams(BaseModel):
         config="configs/demo/sft.yaml"), description="Empty to stop after pretraining.")
     rm: StageParams | None = Field(default_factory=lambda: StageParams(
         config="configs/demo/rm.yaml"), description="Empty to stop after SFT.")
+    ppo: StageParams | None = Field(default_factory=lambda: StageParams(
+        config="configs/demo/ppo.yaml"), description="Empty to stop after the reward model.")
 
 
 def _tiny() -> PipelineParams:
     return PipelineParams(corpus=None, **{s: StageParams(config=f"configs/tiny/{s}.yaml")
-                                          for s in ("pretrain", "sft", "rm")})
+                                          for s in ("pretrain", "sft", "rm", "ppo")})
 
 
 PRESETS = {"demo": PipelineParams(), "tiny": _tiny()}

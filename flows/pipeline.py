@@ -89,15 +89,25 @@ def validate(params: PipelineParams) -> None:
     """Load every stage's config with its overrides: a typo in the last stage fails now, not
     after the first stages have trained."""
     from stages.config import SCHEMAS, load_config
-    for stage in ("pretrain", "sft", "rm"):
+    for stage in ("pretrain", "sft", "rm", "ppo"):
         p = getattr(params, stage)
         if p is not None:
             load_config(SCHEMAS[stage], p.config, p.overrides)
 
 
+@flow(name="ppo")
+def ppo_flow(params: StageParams, actor: str | None = None, reward: str | None = None,
+             store: str | None = None) -> str:
+    """PPO on the SFT model `actor` against the reward model `reward` (defaults: the config's)."""
+    pins = {k: v for k, v in (("actor", actor), ("reward", reward)) if v}
+    digest = launch_task("ppo", params, store, pins)
+    publish("ppo", digest, ArtifactStore(store))
+    return digest
+
+
 @flow(name="alignment-pipeline")
 def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, str]:
-    """corpus -> pretrain -> sft -> rm (-> ppo, as that stage lands)."""
+    """corpus -> pretrain -> sft -> rm -> ppo."""
     validate(params)
     out = {}
     if params.corpus:
@@ -107,4 +117,6 @@ def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, s
         out["sft"] = sft_flow(params.sft, out["pretrain"], params.store)
     if params.sft and params.rm:
         out["rm"] = rm_flow(params.rm, out["sft"], params.store)
+    if params.sft and params.rm and params.ppo:
+        out["ppo"] = ppo_flow(params.ppo, out["sft"], out["rm"], params.store)
     return out

@@ -23,34 +23,69 @@ _FILL = ("the meeting", "your code", "this plan", "the report", "that song", "th
 
 def make(family: str, rng: random.Random) -> tuple[str, str, str]:
     """One example of `family`: (prompt, answer, wrong answer)."""
+    prompt, answer = _draw(family, rng)
+    return prompt, answer, near_miss(family, prompt, answer)
+
+
+def _draw(family: str, rng: random.Random) -> tuple[str, str]:
     if family == "larger":
         a, b = rng.sample(range(10, 100), 2)
-        return f"Which number is larger, {a} or {b}?", str(max(a, b)), str(min(a, b))
+        return f"Which number is larger, {a} or {b}?", str(max(a, b))
     if family == "add":
         a, b = rng.randint(0, 19), rng.randint(0, 9)
-        wrong = a + b + rng.choice((-2, -1, 1, 2))
-        return f"What is {a} + {b}?", str(a + b), str(abs(wrong))
+        return f"What is {a} + {b}?", str(a + b)
     if family == "sort":
         xs = rng.sample(range(10), 3)
-        answer = sorted(xs)
-        wrong = list(answer)
-        i = rng.randrange(2)
-        wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
-        return (f"Sort in ascending order: {' '.join(map(str, xs))}", " ".join(map(str, answer)),
-                " ".join(map(str, wrong)))
+        return f"Sort in ascending order: {' '.join(map(str, xs))}", \
+            " ".join(map(str, sorted(xs)))
     if family == "reverse":
         # Pronounceable pseudo-words (thousands of them): reversal is learned, not memorized.
         w = ""
         while w == w[::-1]:  # a palindrome would make the near miss the answer
             w = "".join(rng.choice(_CONSONANTS if i % 2 == 0 else _VOWELS)
                         for i in range(rng.randint(3, 4)))
-        return f"Reverse the letters of '{w}'.", w[::-1], w
+        return f"Reverse the letters of '{w}'.", w[::-1]
     if family == "label":
         rude = rng.random() < 0.5
         phrase = rng.choice(_RUDE if rude else _KIND)
         msg = rng.choice((f"{phrase}, {rng.choice(_FILL)}", f"{rng.choice(_FILL)}? {phrase}"))
-        label, other = ("toxic", "ok") if rude else ("ok", "toxic")
-        return f"Label the message as toxic or ok: \"{msg}\"", label, other
+        return f"Label the message as toxic or ok: \"{msg}\"", "toxic" if rude else "ok"
+    raise ValueError(f"unknown task family {family!r}; allowed: {', '.join(FAMILIES)}")
+
+
+def near_miss(family: str, prompt: str, answer: str) -> str:
+    """A wrong answer of one of the kinds a policy produces. A reward model trained on only one
+    kind is exploited through the others: with swapped pairs alone as negatives for `sort`, PPO
+    learned ascending lists of the wrong numbers. Seeded by the prompt, so prompts and answers
+    do not depend on it."""
+    rng = random.Random(f"near-miss:{prompt}")
+    kind = rng.randrange(2)
+    if family == "larger":
+        a, b = (int(x) for x in re.findall(r"\d+", prompt))
+        if kind == 0:
+            return str(min(a, b))
+        return str(rng.choice([n for n in range(10, 100) if n not in (a, b)]))  # made up
+    if family == "add":
+        return str(abs(int(answer) + rng.choice((-2, -1, 1, 2))))
+    if family == "sort":
+        xs = [int(x) for x in answer.split()]
+        if kind == 0:
+            i = rng.randrange(2)
+            xs[i], xs[i + 1] = xs[i + 1], xs[i]     # the right numbers, out of order
+        else:
+            i = rng.randrange(3)
+            xs[i] = rng.choice([n for n in range(10) if n not in xs])
+            xs.sort()                               # in order, one number wrong
+        return " ".join(map(str, xs))
+    if family == "reverse":
+        word = answer[::-1]
+        if kind == 0:
+            return word                             # not reversed at all
+        i = rng.randrange(len(answer))
+        other = rng.choice([c for c in _CONSONANTS + _VOWELS if c != answer[i]])
+        return answer[:i] + other + answer[i + 1:]  # reversed, one letter wrong
+    if family == "label":
+        return "ok" if answer == "toxic" else "toxic"
     raise ValueError(f"unknown task family {family!r}; allowed: {', '.join(FAMILIES)}")
 
 

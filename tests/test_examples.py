@@ -98,3 +98,15 @@ def test_too_few_examples_and_config_errors(tmp_path):
         X.load_example_set(bad)
     with pytest.raises(ConfigError, match="dataset config not found"):
         X.load_example_set(tmp_path / "none.yaml")
+
+
+def test_near_misses_cover_several_kinds_and_are_always_wrong():
+    exs = tasks.generate(["sort", "larger", "reverse"], 300, seed=5)
+    for e in exs:
+        assert e["wrong"] != e["answer"]
+    sort = [e for e in exs if e["task"] == "sort"]
+    in_order = [e for e in sort if e["wrong"].split() == sorted(e["wrong"].split(), key=int)]
+    assert 0 < len(in_order) < len(sort)          # both unsorted and sorted-but-wrong negatives
+    larger = [e for e in exs if e["task"] == "larger"]
+    made_up = [e for e in larger if e["wrong"] not in e["prompt"]]
+    assert 0 < len(made_up) < len(larger)
