@@ -75,6 +75,34 @@ def broadcast(obj, d: Dist):
     return box[0]
 
 
+def on_rank0(fn, d: Dist):
+    """fn() on rank 0 and its result on every rank; if it raises there, every rank raises."""
+    try:
+        value = fn() if d.main else None
+    except Exception as e:  # noqa: BLE001 - delivered to every rank by broadcast
+        value = e
+    return broadcast(value, d)
+
+
+def reuse_unchanged(store, name: str, key: str, force: bool, d: Dist) -> bool:
+    """True when an intact artifact with exactly these inputs exists (same config, parents and
+    stage code): rank 0 registers it under `name` and prints it, and every rank stops."""
+    if force:
+        return False
+
+    def find() -> bool:
+        hit = store.find_by_inputs(key)
+        if hit is not None:
+            store.tag(name, hit.digest)
+            log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
+            print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
+        return hit is not None
+    reused = on_rank0(find, d)
+    if reused:
+        dist.barrier()  # leave together: a rank exiting mid-collective aborts at shutdown
+    return reused
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -177,6 +205,33 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engines: dict, ckpt: Path, step: int, keep: int, d: Dist,
+                    client: dict | None = None) -> None:
+    """Each engine's weights, optimizer and scheduler under ckpt/<name>/step<N>, with the step,
+    every rank's RNG state and `client` (e.g. the KL controller) in the first engine's."""
+    states = [None] * d.world
+    dist.all_gather_object(states, rng_state())
+    for i, (name, engine) in enumerate(engines.items()):
+        state = {"step": step, "rng": states, **(client or {})} if i == 0 else {}
+        engine.save_checkpoint(str(ckpt / name), tag=f"step{step:07d}", client_state=state)
+        if d.main:
+            prune_checkpoints(ckpt / name, keep)
+    dist.barrier()
+
+
+def load_checkpoint(engines: dict, ckpt: Path, d: Dist) -> dict | None:
+    """The client state of the newest complete checkpoint (RNG restored), or None."""
+    first = next(iter(engines))
+    if not (ckpt / first / "latest").exists():
+        return None
+    client = None
+    for name, engine in engines.items():
+        _, state = engine.load_checkpoint(str(ckpt / name))
+        client = client or state
+    set_rng_state(client["rng"][d.rank])
+    return client
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:

@@ -24,7 +24,6 @@ import math
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -241,11 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     actor_art, reward_art = preflight(cfg, store)
     d = E.init_distributed()
     E.seed_all(cfg.run.seed)
-    try:
-        data_digest = E.broadcast(get_example_set(cfg.data.prompts, store).digest
-                                  if d.main else None, d)
-    except Exception as e:  # noqa: BLE001 - a rank-0 failure must reach every rank
-        data_digest = E.broadcast(e if d.main else None, d)
+    data_digest = E.on_rank0(lambda: get_example_set(cfg.data.prompts, store).digest, d)
     data_art = store.get(data_digest)
     tok = load_tokenizer(actor_art.local_path())
     train_prompts = read_jsonl(data_art.local_path() / "train.jsonl")
@@ -255,12 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                {"role": "reward", "digest": reward_art.digest},
                {"role": "prompts", "digest": data_art.digest}]
     key = input_key("ppo", resolved(cfg), parents)
-    if not cfg.run.force and (hit := store.find_by_inputs(key)) is not None:
-        if d.main:
-            store.tag(cfg.run.name, hit.digest)
-            E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
-            print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
-        dist.barrier()
+    if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
         return
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -280,13 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     ckpt = work / "checkpoints"
     metrics = E.Metrics(d, work)
-    start = 0
-    if cfg.checkpoint.resume and (ckpt / "actor" / "latest").exists():
-        _, client = actor.load_checkpoint(str(ckpt / "actor"))
-        critic.load_checkpoint(str(ckpt / "critic"))
-        start = client["step"]
+    engines = {"actor": actor, "critic": critic}
+    client = E.load_checkpoint(engines, ckpt, d) if cfg.checkpoint.resume else None
+    start = client["step"] if client else 0
+    if client:
         kl_ctl.load_state_dict(client["kl"])
-        E.set_rng_state(client["rng"][d.rank])
         E.log(d, f"resumed from {ckpt} at step {start}")
     per_rank = cfg.train.global_batch_size // d.world
     E.log(d, f"ppo {cfg.run.name}: {len(train_prompts)} prompts, {per_rank} rollouts per rank "
@@ -343,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{row['gold_accuracy']:.3f} kl {row['kl']:.3f} beta {kl_ctl.beta:.4f} "
                      f"clipfrac {row['clipfrac']:.3f} gen {row['generation_share']:.0%}")
         if done % cfg.checkpoint.every_steps == 0 and done < cfg.train.max_steps:
-            save_checkpoint(actor, critic, ckpt, done, kl_ctl, cfg.checkpoint.keep_last, d)
+            E.save_checkpoint(engines, ckpt, done, cfg.checkpoint.keep_last, d,
+                              {"kl": kl_ctl.state_dict()})
     t_end_train = time.time()
 
     # --- save -----------------------------------------------------------------------------
@@ -378,18 +367,6 @@ def main(argv: list[str] | None = None) -> None:
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     metrics.close()
-    dist.barrier()
-
-
-def save_checkpoint(actor, critic, ckpt: Path, step: int, kl_ctl, keep: int, d: E.Dist) -> None:
-    states = [None] * d.world
-    dist.all_gather_object(states, E.rng_state())
-    client = {"step": step, "rng": states, "kl": kl_ctl.state_dict()}
-    actor.save_checkpoint(str(ckpt / "actor"), tag=f"step{step:07d}", client_state=client)
-    critic.save_checkpoint(str(ckpt / "critic"), tag=f"step{step:07d}")
-    if d.main:
-        E.prune_checkpoints(ckpt / "actor", keep)
-        E.prune_checkpoints(ckpt / "critic", keep)
     dist.barrier()
 
 

@@ -243,10 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         tok, tok_digest = get_tokenizer(cfg, mixture, fps, store)
         return {"tokenizer": tok_digest, "dataset": get_dataset(cfg, mixture, fps, tok,
                                                                  tok_digest, store)}
-    try:
-        prepared = E.broadcast(prepare() if d.main else None, d)
-    except Exception as e:  # noqa: BLE001 - any rank-0 failure must reach every rank
-        prepared = E.broadcast(e if d.main else None, d)
+    prepared = E.on_rank0(prepare, d)
     t_data = time.time()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -283,22 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
         parents.append({"role": "init", "digest": store.resolve(cfg.model.init_from)})
     key = input_key("pretrain", resolved(cfg), parents)
-    if not cfg.run.force and (hit := store.find_by_inputs(key)) is not None:
-        # Same config, same data, same code: the result exists. Register it under this name.
-        if d.main:
-            store.tag(cfg.run.name, hit.digest)
-            E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
-            print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
-        dist.barrier()
+    if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
         return
     work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     ckpt = work / "checkpoints"
     metrics = E.Metrics(d, work)
-    start = 0
-    if cfg.checkpoint.resume and (ckpt / "latest").exists():
-        _, client = engine.load_checkpoint(str(ckpt))
-        start = client["step"]
-        E.set_rng_state(client["rng"][d.rank])
+    client = E.load_checkpoint({"model": engine}, ckpt, d) if cfg.checkpoint.resume else None
+    start = client["step"] if client else 0
+    if client:
         E.log(d, f"resumed from {ckpt} at step {start}")
     E.log(d, f"pretrain {cfg.run.name}: {n_flop_params / 1e6:.2f}M params, {len(train_rows)} "
              f"rows x {cfg.data.seq_len}, {d.world} rank(s), accum {accum}, "
@@ -323,8 +312,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_reduce(mean)
             mean = mean.item() / d.world
             if not math.isfinite(mean):
-                latest = (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() \
-                    else "none"
+                latest = (ckpt / "model" / "latest").read_text().strip() \
+                    if (ckpt / "model" / "latest").exists() else "none"
                 raise FloatingPointError(
                     f"non-finite loss ({mean}) at step {step}: stopping without an update. "
                     f"Last good checkpoint: {latest} in {ckpt} (kept). Lower optim.lr or raise "
@@ -351,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if done % cfg.checkpoint.every_steps == 0 and done < cfg.train.max_steps:
-            save_checkpoint(engine, ckpt, done, cfg.checkpoint.keep_last, d)
+            E.save_checkpoint({"model": engine}, ckpt, done, cfg.checkpoint.keep_last, d)
     bar.close()
     t_end_train = time.time()
 
@@ -380,16 +369,6 @@ def main(argv: list[str] | None = None) -> None:
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     metrics.close()
-    dist.barrier()
-
-
-def save_checkpoint(engine, ckpt: Path, step: int, keep: int, d: E.Dist) -> None:
-    states = [None] * d.world
-    dist.all_gather_object(states, E.rng_state())
-    engine.save_checkpoint(str(ckpt), tag=f"step{step:07d}",
-                           client_state={"step": step, "rng": states})
-    if d.main:
-        E.prune_checkpoints(ckpt, keep)
     dist.barrier()
 
 

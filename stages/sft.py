@@ -84,21 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     parent = preflight(cfg, store)
     d = E.init_distributed()
     E.seed_all(cfg.run.seed)
-    try:
-        data_digest = E.broadcast(get_example_set(cfg.data.dataset, store).digest
-                                  if d.main else None, d)
-    except Exception as e:  # noqa: BLE001 - a rank-0 failure must reach every rank
-        data_digest = E.broadcast(e if d.main else None, d)
+    data_digest = E.on_rank0(lambda: get_example_set(cfg.data.dataset, store).digest, d)
     data_art = store.get(data_digest)
     parents = [{"role": "model", "digest": parent.digest},
                {"role": "dataset", "digest": data_art.digest}]
     key = input_key("sft", resolved(cfg), parents)
-    if not cfg.run.force and (hit := store.find_by_inputs(key)) is not None:
-        if d.main:
-            store.tag(cfg.run.name, hit.digest)
-            E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
-            print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
-        dist.barrier()
+    if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
         return
 
     tok = chat_tokenizer(parent.local_path())

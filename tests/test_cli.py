@@ -61,7 +61,7 @@ def test_damaged_artifact_is_named(pipeline_store, capsys):
 
 def test_run_rejects_bad_stage_overrides(tmp_path, capsys):
     code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
-                       "--set", "ppo:kl.coef=0.1")
+                       "--set", "value:kl.coef=0.1")
     assert code == 2 and "use STAGE:KEY=VALUE with a stage of this preset" in err
     code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
                        "--set", "pretrain:optim.lrr=1")
