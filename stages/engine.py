@@ -130,14 +130,19 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig
     return cfg
 
 
-def adamw(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+def adamw(model: torch.nn.Module, optim: OptimConfig, ds_cfg: dict | None = None):
+    """AdamW; DeepSpeed's CPU Adam when the template offloads optimizer state (DeepSpeed
+    refuses a torch optimizer there: it would step on the CPU one tensor at a time)."""
     # Decay matrices only: decaying norms and biases hurts and buys nothing (GPT-3, nanoGPT).
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     keep = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": keep, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                             fused=torch.cuda.is_available())
+    kw = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    if "offload_optimizer" in (ds_cfg or {}).get("zero_optimization", {}):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kw)
 
 
 def lr_lambda(optim: OptimConfig, max_steps: int):

@@ -105,7 +105,7 @@ def engine(model, cfg: PPOConfig, d: E.Dist, lr: float | None, offload: bool = F
         zero = {"stage": 3, "offload_param": {"device": "cpu"}} if offload else {"stage": 0}
         ds_cfg["zero_optimization"] = zero
         return deepspeed.initialize(model=model, config=ds_cfg)[0]
-    opt = E.adamw(model, cfg.optim.model_copy(update={"lr": lr}))
+    opt = E.adamw(model, cfg.optim.model_copy(update={"lr": lr}), ds_cfg)
     return deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)[0]
 
 

@@ -266,10 +266,10 @@ def main(argv: list[str] | None = None) -> None:
                           model.config.hidden_size, cfg.data.seq_len)
 
     import deepspeed
-    optimizer = E.adamw(model, cfg.optim)
+    ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
+    optimizer = E.adamw(model, cfg.optim, ds_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, E.lr_lambda(cfg.optim,
                                                                          cfg.train.max_steps))
-    ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_cfg)
     accum = ds_cfg["gradient_accumulation_steps"]

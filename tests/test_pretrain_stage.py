@@ -146,3 +146,19 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
     assert out.returncode != 0
     assert "non-finite loss (nan) at step 0" in out.stderr and "Last good checkpoint" in out.stderr
     assert not (tmp_path / "store" / "names" / "tiny-pretrain").exists()
+
+
+@pytest.mark.slow
+def test_zero3_and_optimizer_offload_train_the_same_model(tmp_path):
+    """ZeRO-2, ZeRO-3 (parameters partitioned) and ZeRO-2 with the optimizer on DeepSpeed's
+    CPU Adam (built on first use) see the same data and reach the same losses."""
+    losses = {}
+    for template in ("zero2", "zero3", "zero2_offload"):
+        code, _, out, store = launch(tmp_path, f"deepspeed.template=infra/deepspeed/{template}.json",
+                                     "run.force=true", work=template)
+        assert code == 0, out[-3000:]
+        assert f"ZeRO {3 if template == 'zero3' else 2}" in out
+        losses[template] = [r["loss"] for _, r in sorted(metrics_by_step(tmp_path / template)
+                                                         .items())]
+    for template in ("zero3", "zero2_offload"):
+        assert losses[template] == pytest.approx(losses["zero2"], rel=1e-4), template
