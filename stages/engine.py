@@ -97,10 +97,14 @@ def reuse_unchanged(store, name: str, key: str, force: bool, d: Dist) -> bool:
             log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
             print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
         return hit is not None
-    reused = on_rank0(find, d)
-    if reused:
-        dist.barrier()  # leave together: a rank exiting mid-collective aborts at shutdown
-    return reused
+    return on_rank0(find, d)
+
+
+def shutdown(d: Dist) -> None:
+    """Leave together and tear the process group down: a rank that exits with the group (and
+    DeepSpeed's shared-memory communicator) still alive can abort at interpreter exit."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def seed_all(seed: int) -> None:
@@ -212,38 +216,52 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+COMPLETE = "complete"   # names the newest step every engine of a run has fully written
+
+
 def save_checkpoint(engines: dict, ckpt: Path, step: int, keep: int, d: Dist,
                     client: dict | None = None) -> None:
     """Each engine's weights, optimizer and scheduler under ckpt/<name>/step<N>, with the step,
-    every rank's RNG state and `client` (e.g. the KL controller) in the first engine's."""
+    every rank's RNG state and `client` (e.g. the KL controller) in the first engine's. The
+    marker ckpt/complete is replaced only after all engines are written, so a run killed
+    between two engines' saves resumes from the previous step, never from a mixed one."""
     states = [None] * d.world
     dist.all_gather_object(states, rng_state())
+    tag = f"step{step:07d}"
     for i, (name, engine) in enumerate(engines.items()):
         state = {"step": step, "rng": states, **(client or {})} if i == 0 else {}
-        engine.save_checkpoint(str(ckpt / name), tag=f"step{step:07d}", client_state=state)
-        if d.main:
-            prune_checkpoints(ckpt / name, keep)
+        engine.save_checkpoint(str(ckpt / name), tag=tag, client_state=state)
+    dist.barrier()
+    if d.main:
+        tmp = ckpt / f".{COMPLETE}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt / COMPLETE)
+        for name in engines:
+            prune_checkpoints(ckpt / name, keep, tag)
     dist.barrier()
 
 
 def load_checkpoint(engines: dict, ckpt: Path, d: Dist) -> dict | None:
-    """The client state of the newest complete checkpoint (RNG restored), or None."""
-    first = next(iter(engines))
-    if not (ckpt / first / "latest").exists():
+    """The client state of the newest checkpoint all engines completed (RNG restored), or
+    None when there is none."""
+    if not (ckpt / COMPLETE).exists():
         return None
+    tag = (ckpt / COMPLETE).read_text().strip()
     client = None
     for name, engine in engines.items():
-        _, state = engine.load_checkpoint(str(ckpt / name))
+        path, state = engine.load_checkpoint(str(ckpt / name), tag=tag)
+        if path is None:
+            raise RuntimeError(f"checkpoint {ckpt / name / tag} is marked complete but does "
+                               f"not load")
         client = client or state
     set_rng_state(client["rng"][d.rank])
     return client
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; DeepSpeed writes `latest` only after a
-    checkpoint is whole, so nothing newer than it is trusted or counted."""
-    latest = (ckpt_dir / "latest").read_text().strip()
-    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name <= latest)
+def prune_checkpoints(ckpt_dir: Path, keep: int, newest: str) -> None:
+    """Keep the `keep` newest complete checkpoints; anything newer than `newest` was written
+    by a killed run and is never trusted."""
+    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name <= newest)
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                {"role": "prompts", "digest": data_art.digest}]
     key = input_key("ppo", resolved(cfg), parents)
     if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
+        E.shutdown(d)
         return
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     metrics.close()
-    dist.barrier()
+    E.shutdown(d)
 
 
 if __name__ == "__main__":

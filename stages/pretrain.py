@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         parents.append({"role": "init", "digest": store.resolve(cfg.model.init_from)})
     key = input_key("pretrain", resolved(cfg), parents)
     if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
+        E.shutdown(d)
         return
     work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     ckpt = work / "checkpoints"
@@ -312,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
             dist.all_reduce(mean)
             mean = mean.item() / d.world
             if not math.isfinite(mean):
-                latest = (ckpt / "model" / "latest").read_text().strip() \
-                    if (ckpt / "model" / "latest").exists() else "none"
+                latest = (ckpt / E.COMPLETE).read_text().strip() \
+                    if (ckpt / E.COMPLETE).exists() else "none"
                 raise FloatingPointError(
                     f"non-finite loss ({mean}) at step {step}: stopping without an update. "
                     f"Last good checkpoint: {latest} in {ckpt} (kept). Lower optim.lr or raise "
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     metrics.close()
-    dist.barrier()
+    E.shutdown(d)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                {"role": "dataset", "digest": data_art.digest}]
     key = input_key("rm", resolved(cfg), parents)
     if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
+        E.shutdown(d)
         return
 
     tok = load_tokenizer(parent.local_path())
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{stats['reward_mean']:.3f} +- {stats['reward_std']:.3f}")
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
-    dist.barrier()
+    E.shutdown(d)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                {"role": "dataset", "digest": data_art.digest}]
     key = input_key("sft", resolved(cfg), parents)
     if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
+        E.shutdown(d)
         return
 
     tok = chat_tokenizer(parent.local_path())
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"eval loss {metrics['eval_loss']:.4f}")
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
-    dist.barrier()
+    E.shutdown(d)
 
 
 if __name__ == "__main__":

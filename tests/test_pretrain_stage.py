@@ -88,12 +88,12 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((tmp_path / "killed").glob("*/checkpoints/model/latest")):
+    while not list((tmp_path / "killed").glob("*/checkpoints/complete")):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    (latest,) = (tmp_path / "killed").glob("*/checkpoints/model/latest")
+    (latest,) = (tmp_path / "killed").glob("*/checkpoints/complete")
     killed_at = int(latest.read_text().strip().removeprefix("step"))
     assert 0 < killed_at < 24
 

@@ -26,7 +26,9 @@ def test_sft_writes_a_chat_model_whose_parent_is_its_input(chain):
     assert store.get(roles["dataset"]).manifest["name"] == "tiny-sft-data"
     m = art.manifest["metrics"]
     assert {"gold_accuracy", "parent_gold_accuracy", "eval_loss", "eos_rate"} <= set(m)
-    assert m["train_examples"] == 400 and m["dropped_too_long"] == 0
+    # some real FAQ answers exceed max_length=96: counted, dropped, and said in the log
+    assert m["dropped_too_long"] > 0 and m["train_examples"] + m["dropped_too_long"] >= 400
+    assert "dropped" in log and m["train_examples"] < 400
     assert "--module stages.sft" in art.manifest["command"]
     script = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
               "p = sys.argv[1]; t = AutoTokenizer.from_pretrained(p)\n"
