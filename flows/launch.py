@@ -66,6 +66,17 @@ def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], 
     except BaseException:
         stop_group(proc)
         raise
+    finally:
+        release_shm(cmd)
+
+
+def release_shm(cmd: list[str]) -> None:
+    """Unlink the shared-memory buffers DeepSpeed's CPU allreduce leaves behind for this job's
+    port, whatever way it ended (a rank killed or crashed never cleans up after itself)."""
+    if "--master_port" in cmd:
+        port = cmd[cmd.index("--master_port") + 1]
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:

@@ -105,6 +105,21 @@ def shutdown(d: Dist) -> None:
     DeepSpeed's shared-memory communicator) still alive can abort at interpreter exit."""
     dist.barrier()
     dist.destroy_process_group()
+    release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def release_shm(port: str | int, rank: str | int = "*") -> list[Path]:
+    """Unlink DeepSpeed's CPU allreduce buffers of the job on `port` (one rank's, or all).
+    DeepSpeed never unlinks them: every multi-rank CPU job left ~66 MB per rank in /dev/shm
+    (measured: 18 GiB after a day of tests, and a machine that stalled)."""
+    gone = []
+    for f in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
+        f.unlink(missing_ok=True)
+        gone.append(f)
+    return gone
 
 
 def seed_all(seed: int) -> None:

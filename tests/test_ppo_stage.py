@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flows.launch import build_command
+from flows.launch import build_command, release_shm
 from tests.conftest import REPO, launch_stage
 
 STEPS = ["train.max_steps=4", "checkpoint.every_steps=2", "train.eval_every=100"]
@@ -63,6 +63,7 @@ def test_killed_ppo_resumes_to_the_same_rollouts(chain):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    release_shm(cmd)
     _, log = launch_stage(root, "ppo", *STEPS, f"run.work_dir={root / 'killed'}",
                           "run.force=true")
     assert "resumed from" in log and "at step 2" in log   # the step all engines completed

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.launch import build_command, run_stage
+from flows.launch import build_command, release_shm, run_stage
 from stages.artifacts import ArtifactStore
 from tests.conftest import REPO
 
@@ -34,8 +34,11 @@ def metrics_by_step(work: Path) -> dict[int, dict]:
 
 
 def test_two_ranks_train_export_and_generate(tmp_path):
+    shm = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     code, digest, out, store = launch(tmp_path)
     assert code == 0, out[-3000:]
+    # DeepSpeed's CPU allreduce buffers (~66 MB a rank) do not outlive the job
+    assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm
     assert "2 rank(s)" in out and "ZeRO 2" in out
     art = store.get("tiny-pretrain")
     assert art.digest == digest and art.kind == "model" and art.stage == "pretrain"
@@ -93,6 +96,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    release_shm(cmd)
     (latest,) = (tmp_path / "killed").glob("*/checkpoints/complete")
     killed_at = int(latest.read_text().strip().removeprefix("step"))
     assert 0 < killed_at < 24
