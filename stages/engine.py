@@ -303,6 +303,22 @@ def save_hf(engine, tokenizer, out: Path, d: Dist) -> None:
     dist.barrier()
 
 
+def run(main) -> None:
+    """A stage's entry point: bad input (config, data, artifacts) exits 2 with one clear line,
+    a non-finite loss exits 3; anything else is a bug and keeps its traceback."""
+    from stages.artifacts import ArtifactError
+    from stages.config import ConfigError
+    from stages.data import DataError
+    try:
+        main()
+    except (ConfigError, DataError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
 def log(d: Dist, msg: str) -> None:
     if d.main:
         print(f"[alignflow] {msg}", file=sys.stderr, flush=True)

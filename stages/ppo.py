@@ -32,7 +32,7 @@ import torch.distributed as dist
 from stages import data as D
 from stages import engine as E
 from stages import losses as L
-from stages.artifacts import ArtifactError, ArtifactStore, input_key
+from stages.artifacts import ArtifactStore, input_key
 from stages.config import ConfigError, PPOConfig, TrainConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
 from stages.model import chat_prompt, load_tokenizer, parent_model
@@ -372,8 +372,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, D.DataError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    E.run(main)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
-from stages.artifacts import ArtifactError, ArtifactStore, input_key, json_digest, sha256_file
+from stages.artifacts import ArtifactStore, input_key, json_digest, sha256_file
 from stages.config import ConfigError, PretrainConfig, find_file, parse_stage_args, resolved
 from stages.model import PRESETS, device_peak_flops, flops_per_token, llama_config, matmul_params
 
@@ -374,11 +374,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, D.DataError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    E.run(main)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
-from stages.artifacts import ArtifactError, ArtifactStore, input_key
+from stages.artifacts import ArtifactStore, input_key
 from stages.config import ConfigError, SFTConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
 from stages.model import chat_length, gold_accuracy, load_tokenizer, parent_model
@@ -198,8 +198,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, D.DataError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    E.run(main)
