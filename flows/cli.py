@@ -118,10 +118,31 @@ def cmd_run(store: ArtifactStore, args) -> int:
         if getattr(params, stage, None) is None:
             raise ConfigError(f"--force {stage!r}: not a stage of this preset")
         getattr(params, stage).force = True
+    if args.from_stage:
+        params.from_stage = args.from_stage
     validate(params)  # before Prefect starts: bad input costs a second, not a server start
     t0 = time.time()
     result = alignment_pipeline(params)
     print(summary(store, result, time.time() - t0))
+    return 0
+
+
+def cmd_serve(store: ArtifactStore, args) -> int:
+    """Serve every deployment from this process; runs start from the UI or the API."""
+    prefect_env()
+    # The runner looks for runs to start or cancel this often; cancellation must reach the
+    # stage's process group within seconds, not Prefect's default 10 s.
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+    if not os.environ.get("PREFECT_API_URL"):
+        print("note: PREFECT_API_URL is not set: serving against a temporary embedded server "
+              "that the UI cannot reach; start `alignflow server` and export "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+    from prefect import serve
+
+    from flows.deploy import deployments, load_schedules
+    schedules = load_schedules(args.schedules) if args.schedules else []
+    deps = deployments(schedules, store=store.root)
+    serve(*deps, limit=args.limit)
     return 0
 
 
@@ -145,11 +166,15 @@ def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str
             verdict = "beats" if m["val_loss"] < m["unigram_val_loss"] else "does NOT beat"
             what = (f"held-out loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f}) {verdict} the "
                     f"unigram baseline {m['unigram_val_loss']:.3f}")
-        elif stage == "sft":
+        elif stage == "sft" and "gold_accuracy" in m:
             verdict = "beats" if m["gold_accuracy"] > m["parent_gold_accuracy"] else \
                 "does NOT beat"
             what = (f"held-out gold accuracy {m['gold_accuracy']:.3f} {verdict} the pretrained "
                     f"model's {m['parent_gold_accuracy']:.3f}")
+        elif stage == "sft":
+            verdict = "beats" if m["heldout_loss"] < m["parent_heldout_loss"] else "does NOT beat"
+            what = (f"held-out answer loss {m['heldout_loss']:.3f} {verdict} the parent's "
+                    f"{m['parent_heldout_loss']:.3f}")
         elif stage == "rm":
             verdict = "meets" if m["pairwise_accuracy"] >= 0.85 else "is below"
             what = (f"held-out pairwise accuracy {m['pairwise_accuracy']:.3f} ({verdict} the "
@@ -211,12 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config override for one stage, e.g. pretrain:train.max_steps=50")
     s.add_argument("--force", action="append", metavar="STAGE",
                    help="retrain this stage even if its inputs are unchanged")
+    s.add_argument("--from-stage", choices=["pretrain", "sft", "rm", "ppo"],
+                   help="start here; earlier stages' artifacts come from the configs' parents")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("server", help="start the Prefect UI (127.0.0.1 unless --host is given)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=4200)
     s.set_defaults(func=cmd_server)
+
+    s = sub.add_parser("serve", help="serve the pipeline and stage deployments (runs started "
+                       "from the UI execute here)")
+    s.add_argument("--schedules", metavar="YAML", help="schedules with parameters, e.g. "
+                   "infra/schedules.yaml")
+    s.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: the "
+                   "stages share this machine's accelerators)")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("gc", help="remove staging left behind by killed writers")
     s.add_argument("--older-than", type=float, default=3600, metavar="SECONDS")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
+
+STAGES = ("pretrain", "sft", "rm", "ppo")
 
 
 class StageParams(BaseModel):
@@ -11,15 +15,23 @@ class StageParams(BaseModel):
                                  "e.g. optim.lr=1e-4 or train.max_steps=50.")
     force: bool = Field(False, description="Retrain even if an artifact with these exact "
                         "inputs exists.")
+    retries: int = Field(0, ge=0, le=10, description="Relaunch a failed stage this many times; "
+                         "a relaunch resumes from the stage's last checkpoint.")
+    retry_delay_s: float = Field(30, ge=0, description="Seconds between relaunches.")
 
 
 class PipelineParams(BaseModel):
     store: str | None = Field(None, description="Artifact store root (path or fsspec URL); "
                               "default $ALIGNFLOW_STORE or .alignflow/store.")
+    from_stage: Literal["pretrain", "sft", "rm", "ppo"] = Field(
+        "pretrain", description="First stage to run. Earlier stages are not run: the first "
+        "one run takes its parents from its own config (e.g. rm's `parent: demo-sft@latest`).")
     corpus: str | None = Field("datasets_cfg/demo_corpus.yaml", description="Corpus recipe to "
-                               "build first; empty when the mixture needs no corpus artifact.")
-    pretrain: StageParams = Field(default_factory=lambda: StageParams(
-        config="configs/demo/pretrain.yaml"))
+                               "build first (with from_stage pretrain); empty when the mixture "
+                               "needs no corpus artifact.")
+    pretrain: StageParams | None = Field(default_factory=lambda: StageParams(
+        config="configs/demo/pretrain.yaml"), description="Empty to start from an existing "
+        "pretrain artifact (with from_stage sft or later).")
     sft: StageParams | None = Field(default_factory=lambda: StageParams(
         config="configs/demo/sft.yaml"), description="Empty to stop after pretraining.")
     rm: StageParams | None = Field(default_factory=lambda: StageParams(
@@ -27,10 +39,20 @@ class PipelineParams(BaseModel):
     ppo: StageParams | None = Field(default_factory=lambda: StageParams(
         config="configs/demo/ppo.yaml"), description="Empty to stop after the reward model.")
 
+    def stages(self) -> list[str]:
+        """The stages this run launches, in order."""
+        start = STAGES.index(self.from_stage)
+        out = []
+        for stage in STAGES[start:]:
+            if getattr(self, stage) is None:
+                break
+            out.append(stage)
+        return out
+
 
 def _tiny() -> PipelineParams:
     return PipelineParams(corpus=None, **{s: StageParams(config=f"configs/tiny/{s}.yaml")
-                                          for s in ("pretrain", "sft", "rm", "ppo")})
+                                          for s in STAGES})
 
 
 PRESETS = {"demo": PipelineParams(), "tiny": _tiny()}

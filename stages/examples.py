@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from stages import tasks
+from stages import sources, tasks
 from stages.artifacts import ArtifactStore, default_home, input_key, json_digest, sha256_file
 from stages.config import ConfigError, ExampleSetConfig, ExampleSource, find_file
 from stages.data import DataError, source_files
@@ -35,8 +35,13 @@ def load_example_set(path: str | Path) -> ExampleSetConfig:
 
 # --- reading ------------------------------------------------------------------------------
 
-def _rows(src: ExampleSource) -> list[tuple[str, dict]]:
-    """(where, row) of a files or hub source; `where` names file and line for errors."""
+def _rows(src: ExampleSource, fetched: dict) -> list[tuple[str, dict]]:
+    """(where, row) of a source; `where` names file and line for errors. A package source
+    records what it fetched (version, sha256) in `fetched`."""
+    if src.type == "package":
+        out, info = sources.rows(src, default_home() / "downloads")
+        fetched.update(info, license=src.license)
+        return out
     if src.type == "hub":
         import datasets  # the network is needed only here
         ds = datasets.load_dataset(src.dataset, src.subset, split=src.split)
@@ -54,8 +59,10 @@ def _rows(src: ExampleSource) -> list[tuple[str, dict]]:
 
 
 def _record(where: str, row: dict, src: ExampleSource, kind: str) -> dict:
+    mismatched = kind == "preference" and src.negatives == "mismatched"
     fields = {"sft": [src.prompt_field, src.completion_field],
-              "preference": [src.prompt_field, src.chosen_field, src.rejected_field],
+              "preference": [src.prompt_field, *([src.completion_field] if mismatched else
+                                                 [src.chosen_field, src.rejected_field])],
               "prompts": [src.prompt_field]}[kind]
     if src.margin_field and kind == "preference":
         fields.append(src.margin_field)
@@ -66,12 +73,42 @@ def _record(where: str, row: dict, src: ExampleSource, kind: str) -> dict:
     rec = {"source": src.name, "prompt": str(row[src.prompt_field])}
     if kind == "sft":
         rec["completion"] = str(row[src.completion_field])
+    elif mismatched:
+        rec["chosen"] = str(row[src.completion_field])
     elif kind == "preference":
         rec["chosen"], rec["rejected"] = str(row[src.chosen_field]), str(row[src.rejected_field])
         if src.margin_field:
             rec["margin"] = float(row[src.margin_field])
-    check_record(rec, where)
+    if "group" in row:
+        rec["group"] = str(row["group"])
     return rec
+
+
+def _kept(rec: dict, src: ExampleSource) -> bool:
+    """The length and script filters of a source (most evals answers are a word or two)."""
+    answer = rec.get("completion", rec.get("chosen", ""))
+    text = rec["prompt"] + answer + rec.get("rejected", "")
+    return len(answer.strip()) >= src.min_chars and \
+        (src.max_chars is None or len(rec["prompt"]) + len(answer) <= src.max_chars) and \
+        (not src.ascii_only or text.isascii())
+
+
+def records(src: ExampleSource, kind: str, seed: int) -> tuple[list[dict], dict]:
+    """Checked records of a files/hub/package source in a seeded order, and what was read:
+    rows, how many the filters dropped, the package. Mismatched negatives pair each answer
+    with the next prompt's answer."""
+    recs, info = [], {}
+    for where, row in _rows(src, info):
+        recs.append(_record(where, row, src, kind))
+        check_record(recs[-1], where)
+    kept = [r for r in recs if _kept(r, src)]
+    random.Random(f"{seed}:{src.name}").shuffle(kept)
+    if kind == "preference" and src.negatives == "mismatched":
+        answers = [r["chosen"] for r in kept]
+        for i, r in enumerate(kept):
+            r["rejected"] = answers[(i + 1) % len(answers)]
+        kept = [r for r in kept if r["rejected"].strip() != r["chosen"].strip()]
+    return kept, {"rows": len(recs), "dropped": len(recs) - len(kept), **info}
 
 
 def check_record(rec: dict, where: str) -> None:
@@ -79,7 +116,7 @@ def check_record(rec: dict, where: str) -> None:
         raise DataError(f"{where}: empty prompt")
     if "completion" in rec and not rec["completion"].strip():
         raise DataError(f"{where}: empty completion")
-    if "chosen" in rec and rec["chosen"].strip() == rec["rejected"].strip():
+    if "rejected" in rec and rec["chosen"].strip() == rec["rejected"].strip():
         raise DataError(f"{where}: chosen is identical to rejected ({rec['chosen'][:60]!r})")
 
 
@@ -93,26 +130,28 @@ def _task_record(ex: dict, kind: str) -> dict:
 
 
 def source_examples(src: ExampleSource, kind: str, n_train: int, n_eval: int,
-                    seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) of one source; eval prompts never appear in train."""
+                    seed: int) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval, what was read) of one source; eval prompts never appear in train."""
     if src.type == "tasks":
         held = tasks.generate(src.families, n_eval, seed=seed * 2 + 1, unique=True)
         train = tasks.generate(src.families, n_train, seed=seed * 2,
                                exclude={e["prompt"] for e in held})
-        return [_task_record(e, kind) for e in train], [_task_record(e, kind) for e in held]
-    recs = [_record(w, r, src, kind) for w, r in _rows(src)]
-    random.Random(f"{seed}:{src.name}").shuffle(recs)
-    eval_recs, eval_prompts = [], set()
+        return [_task_record(e, kind) for e in train], [_task_record(e, kind) for e in held], {}
+    recs, info = records(src, kind, seed)
+    # Held out by prompt (or by paragraph, for pairs that share one instruction).
+    group = lambda r: r.get("group", r["prompt"])  # noqa: E731
+    eval_recs, eval_groups = [], set()
     for r in recs:
         if len(eval_recs) == n_eval:
             break
         eval_recs.append(r)
-        eval_prompts.add(r["prompt"])
-    train = [r for r in recs if r["prompt"] not in eval_prompts][:n_train]
+        eval_groups.add(group(r))
+    train = [r for r in recs if group(r) not in eval_groups][:n_train]
     if len(train) < n_train or len(eval_recs) < n_eval:
-        raise DataError(f"source {src.name}: has {len(recs)} examples; needs {n_train} for "
-                        f"training and {n_eval} held out (with disjoint prompts)")
-    return train, eval_recs
+        raise DataError(f"source {src.name}: has {len(recs)} examples ({info['dropped']} more dropped "
+                        f"by its filters); needs {n_train} for training and {n_eval} held out "
+                        f"(with disjoint prompts)")
+    return train, eval_recs, info
 
 
 # --- building -----------------------------------------------------------------------------
@@ -123,10 +162,10 @@ def build(cfg: ExampleSetConfig, out: Path) -> dict:
     for src in cfg.sources:
         share = src.weight / total_w
         n_train, n_eval = round(share * cfg.train_examples), max(1, round(share * cfg.eval_examples))
-        t, e = source_examples(src, cfg.kind, n_train, n_eval, cfg.seed)
+        t, e, info = source_examples(src, cfg.kind, n_train, n_eval, cfg.seed)
         train += t
         held += e
-        per_source[src.name] = {"train": len(t), "eval": len(e)}
+        per_source[src.name] = {"train": len(t), "eval": len(e), **info}
     rng = random.Random(f"{cfg.seed}:mix")
     rng.shuffle(train)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +197,9 @@ def get_example_set(path: str | Path, store: ArtifactStore, log=print):
     stats = build(cfg, out)
     sources = [{"name": s.name, "domain": s.type, **({"paths": s.paths} if s.paths else {}),
                 **({"dataset": s.dataset} if s.dataset else {}),
-                **({"families": s.families} if s.families else {}), **_fingerprint(s)}
+                **({"families": s.families} if s.families else {}), **_fingerprint(s),
+                **{k: v for k, v in stats["sources"][s.name].items()
+                   if k in ("via", "spec", "version", "sha256", "license")}}
                for s in cfg.sources]
     art = store.put(out, kind="dataset", stage="data", name=cfg.name, config=spec,
                     input_key=key, move=True, metrics={"rows": stats["train"],

@@ -98,6 +98,39 @@ def chat_prompt(tok, prompt: str) -> str:
                                    add_generation_prompt=True)
 
 
+def completion_loss(model, tok, recs: list[dict], batch: int = 16) -> float | None:
+    """Mean loss per answer token of held-out prompt/completion pairs, prompt tokens masked.
+
+    One function for the parent and the result, so the two numbers compare (the trainer's own
+    eval loss exists only for the result)."""
+    import torch
+    import torch.nn.functional as F
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(recs), batch):
+            rows = []
+            for r in recs[i:i + batch]:
+                prompt = tok(chat_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
+                full = tok.apply_chat_template(
+                    [{"role": "user", "content": r["prompt"]},
+                     {"role": "assistant", "content": r["completion"]}],
+                    tokenize=True, return_dict=True)["input_ids"]
+                rows.append((full, len(prompt)))
+            width = max(len(f) for f, _ in rows)
+            ids = torch.full((len(rows), width), tok.pad_token_id)
+            labels = torch.full((len(rows), width), -100)
+            for j, (full, n_prompt) in enumerate(rows):
+                ids[j, :len(full)] = torch.tensor(full)
+                labels[j, n_prompt:len(full)] = torch.tensor(full[n_prompt:])
+            logits = model(input_ids=ids, attention_mask=(labels != -100) | (
+                torch.arange(width) < torch.tensor([len(f) for f, _ in rows])[:, None])).logits
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                     ignore_index=-100, reduction="sum").item()
+            count += int((labels[:, 1:] != -100).sum())
+    return total / count if count else None
+
+
 def chat_length(tok, messages: list[dict]) -> int:
     """Tokens of a conversation under the chat template (transformers 5 returns a dict)."""
     return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])

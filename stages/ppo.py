@@ -214,7 +214,7 @@ def mean_all(values: dict[str, float], d: E.Dist) -> dict[str, float]:
 def evaluate(actor, ref, critic, reward, tok, prompts, cfg, kl_ctl, stats, d) -> dict:
     """Greedy responses to held-out prompts: RM reward, gold accuracy, KL to the reference."""
     mine = prompts[d.rank::d.world]
-    raw, gold, kl, ended, samples = [], [], [], [], []
+    raw, gold, kl, ended, samples, by_task = [], [], [], [], [], {}
     for i in range(0, len(mine), cfg.train.micro_batch_size):
         chunk = mine[i:i + cfg.train.micro_batch_size]
         b = rollout(actor, ref, critic, reward, tok, chunk, cfg, kl_ctl, stats, d, greedy=True)
@@ -224,11 +224,20 @@ def evaluate(actor, ref, critic, reward, tok, prompts, cfg, kl_ctl, stats, d) ->
         ended += b["ended"].tolist()
         samples += [{"prompt": p["prompt"], "response": t, "answer": p.get("answer"),
                      "reward": r} for p, t, r in zip(chunk, b["texts"], b["raw"].tolist())]
+        for p, t in zip(chunk, b["texts"]):
+            if "task" in p:
+                by_task.setdefault(f"gold_{p['task']}", []).append(check(p["answer"], t))
+    # Per family, because a policy may gain on one family while exploiting the RM on another.
     m = mean_all({"reward": float(np.mean(raw)), "gold_accuracy": float(np.mean(gold)) if gold
-                  else float("nan"), "kl": float(np.mean(kl)), "eos_rate": float(np.mean(ended))},
-                 d)
+                  else float("nan"), "kl": float(np.mean(kl)), "eos_rate": float(np.mean(ended)),
+                  **{k: float(np.mean(v)) for k, v in by_task.items()}}, d)
     m["samples"] = samples[:8]
     return m
+
+
+def by_family(m: dict) -> str:
+    return " ".join(f"{k[5:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("gold_")
+                    and k != "gold_accuracy")
 
 
 # --- the stage ----------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         if start == 0 else None
     if baseline and d.main:
         E.log(d, f"SFT on held-out prompts: reward {baseline['reward']:.3f}, gold accuracy "
-                 f"{baseline['gold_accuracy']:.3f}")
+                 f"{baseline['gold_accuracy']:.3f} ({by_family(baseline)})")
         (work / "baseline.json").write_text(json.dumps(baseline, indent=2))
     if baseline is None:
         baseline = json.loads((work / "baseline.json").read_text())
@@ -348,7 +357,10 @@ def main(argv: list[str] | None = None) -> None:
                  "gold_accuracy": last_eval["gold_accuracy"],
                  "sft_gold_accuracy": baseline["gold_accuracy"], "kl": last_eval["kl"],
                  "kl_target": cfg.kl.target, "eos_rate": last_eval["eos_rate"],
-                 "reward_hacking": hacking, "final_beta": kl_ctl.beta}
+                 "reward_hacking": hacking, "final_beta": kl_ctl.beta,
+                 **{k: v for k, v in last_eval.items() if k.startswith("gold_") and k != "gold_accuracy"},
+                 **{f"sft_{k}": v for k, v in baseline.items() if k.startswith("gold_")
+                    and k != "gold_accuracy"}}
         if hacking:
             E.log(d, f"WARNING: reward hacking: RM reward rose by {gained:.3f} while gold "
                      f"accuracy fell by {-gold_delta:.3f}")
@@ -364,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
         E.log(d, f"held-out: reward {baseline['reward']:.3f} (SFT) -> {last_eval['reward']:.3f}, "
                  f"gold accuracy {baseline['gold_accuracy']:.3f} -> "
-                 f"{last_eval['gold_accuracy']:.3f}, KL {last_eval['kl']:.3f}")
+                 f"{last_eval['gold_accuracy']:.3f} ({by_family(last_eval)}), KL {last_eval['kl']:.3f}")
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     metrics.close()

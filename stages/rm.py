@@ -44,9 +44,12 @@ def preflight(cfg: RMConfig, store: ArtifactStore):
 
 
 def conversational(recs: list[dict]) -> list[dict]:
+    """TRL's conversational preference rows; `family` (task family or source) is popped off
+    before training and used to break held-out accuracy down."""
     out = []
     for r in recs:
-        ex = {"prompt": [{"role": "user", "content": r["prompt"]}],
+        ex = {"family": r.get("task") or r.get("source", ""),
+              "prompt": [{"role": "user", "content": r["prompt"]}],
               "chosen": [{"role": "assistant", "content": r["chosen"]}],
               "rejected": [{"role": "assistant", "content": r["rejected"]}]}
         if "margin" in r:
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                     "eval.jsonl")), tok,
                                           cfg.data.max_length)
     evalset = evalset[: cfg.data.eval_examples]
+    families = [r.pop("family") for r in evalset]
+    for r in train:
+        r.pop("family")
     E.log(d, f"rm {cfg.run.name}: {len(train)} train / {len(evalset)} eval pairs; dropped "
              f"{dropped} + {dropped_eval} longer than data.max_length={cfg.data.max_length}")
     if not train or not evalset:
@@ -159,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
         (export / "reward_stats.json").write_text(json.dumps(stats, indent=2))
         (export / "train_log.jsonl").write_text("".join(
             json.dumps(r) + "\n" for r in trainer.state.log_history))
+        right = (chosen > rejected).tolist()
+        by_family = {f: sum(ok for ok, g in zip(right, families) if g == f) / families.count(f)
+                     for f in sorted(set(families))}
         metrics = {"pairwise_accuracy": (chosen > rejected).float().mean().item(),
+                   "pairwise_accuracy_by_family": by_family,
                    "reward_margin": (chosen - rejected).mean().item(), **stats,
                    "eval_loss": eval_metrics.get("eval_loss"), "train_pairs": len(train),
                    "dropped_too_long": dropped + dropped_eval}
@@ -170,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "total_s": time.time() - t_start},
                         command=E.launch_command("rm", cfg_path, overrides, cfg.deepspeed))
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        E.log(d, f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.3f}; rewards "
-                 f"{stats['reward_mean']:.3f} +- {stats['reward_std']:.3f}")
+        E.log(d, f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.3f} (" + " ".join(
+            f"{f} {a:.2f}" for f, a in by_family.items()) + f"); rewards "
+            f"{stats['reward_mean']:.3f} +- {stats['reward_std']:.3f}")
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     E.shutdown(d)

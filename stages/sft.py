@@ -28,7 +28,7 @@ from stages import engine as E
 from stages.artifacts import ArtifactStore, input_key
 from stages.config import ConfigError, SFTConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
-from stages.model import chat_length, gold_accuracy, load_tokenizer, parent_model
+from stages.model import chat_length, completion_loss, gold_accuracy, load_tokenizer, parent_model
 
 
 def preflight(cfg: SFTConfig, store: ArtifactStore):
@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> None:
 
     work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     model = AutoModelForCausalLM.from_pretrained(parent.local_path(), dtype=torch.float32)
-    parent_acc = gold_accuracy(model, tok, task_eval, cfg.data.eval_max_new_tokens) if d.main else None
+    # The parent's numbers on the same held-out data, before any step changes the weights.
+    kept_eval = [r for r, c in zip(eval_raw, conversational(eval_raw))
+                 if chat_length(tok, c["prompt"] + c["completion"]) <= cfg.data.max_length]
+    parent_acc = gold_accuracy(model, tok, task_eval, cfg.data.eval_max_new_tokens) \
+        if d.main and task_eval else None
+    parent_loss = completion_loss(model, tok, kept_eval) if d.main else None
     ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
     prec = E.precision(cfg.deepspeed)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")  # transformers 5 reads it
@@ -167,16 +172,22 @@ def main(argv: list[str] | None = None) -> None:
     if d.main:
         tok.save_pretrained(export)
         result = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
-        acc = gold_accuracy(result, tok, task_eval, cfg.data.eval_max_new_tokens)
+        acc = gold_accuracy(result, tok, task_eval, cfg.data.eval_max_new_tokens) \
+            if task_eval else None
+        loss = completion_loss(result, tok, kept_eval)
         (export / "train_log.jsonl").write_text("".join(
             json.dumps(r) + "\n" for r in trainer.state.log_history))
-        metrics = {"eval_loss": eval_metrics.get("eval_loss"), "gold_accuracy": acc["accuracy"],
-                   "parent_gold_accuracy": parent_acc["accuracy"],
-                   "gold_accuracy_by_task": acc["by_task"], "eos_rate": acc["eos_rate"],
+        # Gold metrics only where the held-out set has checkable task prompts.
+        gold = {"gold_accuracy": acc["accuracy"], "parent_gold_accuracy": parent_acc["accuracy"],
+                "gold_accuracy_by_task": acc["by_task"], "eos_rate": acc["eos_rate"]} if acc \
+            else {}
+        metrics = {"eval_loss": eval_metrics.get("eval_loss"), "heldout_loss": loss,
+                   "parent_heldout_loss": parent_loss, **gold,
                    "train_examples": len(train), "dropped_too_long": dropped + dropped_eval,
                    "train_loss": next((r["train_loss"] for r in reversed(trainer.state.log_history)
                                        if "train_loss" in r), None)}
-        (export / "samples.json").write_text(json.dumps(acc["samples"], indent=2))
+        if acc:
+            (export / "samples.json").write_text(json.dumps(acc["samples"], indent=2))
         extra_parents = []
         if cfg.lora.enabled:
             ad = store.put(adapter, kind="adapter", stage="sft", name=f"{cfg.run.name}-lora",
@@ -190,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "total_s": time.time() - t_start},
                         command=E.launch_command("sft", cfg_path, overrides, cfg.deepspeed))
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        E.log(d, f"gold accuracy {parent_acc['accuracy']:.3f} (parent) -> {acc['accuracy']:.3f}; "
-                 f"eval loss {metrics['eval_loss']:.4f}")
+        E.log(d, f"held-out answer loss {parent_loss:.4f} (parent) -> {loss:.4f}" + (
+            f"; gold accuracy {parent_acc['accuracy']:.3f} (parent) -> {acc['accuracy']:.3f}"
+            if acc else ""))
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     E.shutdown(d)

@@ -59,12 +59,15 @@ def near_miss(family: str, prompt: str, answer: str) -> str:
     learned ascending lists of the wrong numbers. Seeded by the prompt, so prompts and answers
     do not depend on it."""
     rng = random.Random(f"near-miss:{prompt}")
-    kind = rng.randrange(2)
+    kind = rng.randrange(3)
     if family == "larger":
         a, b = (int(x) for x in re.findall(r"\d+", prompt))
-        if kind == 0:
+        if kind != 1:
             return str(min(a, b))
-        return str(rng.choice([n for n in range(10, 100) if n not in (a, b)]))  # made up
+        # Made up, and larger than the answer when it can be: with the smaller number as the
+        # only other negative, "bigger is better" scored 0.84 and PPO learned to answer 94.
+        above = [n for n in range(max(a, b) + 1, 100)]
+        return str(rng.choice(above or [n for n in range(10, 100) if n not in (a, b)]))
     if family == "add":
         return str(abs(int(answer) + rng.choice((-2, -1, 1, 2))))
     if family == "sort":
@@ -72,6 +75,10 @@ def near_miss(family: str, prompt: str, answer: str) -> str:
         if kind == 0:
             i = rng.randrange(2)
             xs[i], xs[i + 1] = xs[i + 1], xs[i]     # the right numbers, out of order
+        elif kind == 2:                             # in order, one number too many or few
+            extra = [n for n in range(10) if n not in xs]
+            xs = sorted(xs + [rng.choice(extra)]) if rng.random() < 0.5 else \
+                sorted(rng.sample(xs, 2))
         else:
             i = rng.randrange(3)
             xs[i] = rng.choice([n for n in range(10) if n not in xs])
@@ -81,6 +88,8 @@ def near_miss(family: str, prompt: str, answer: str) -> str:
         word = answer[::-1]
         if kind == 0:
             return word                             # not reversed at all
+        if kind == 2:                               # a fragment: PPO found 'b' and 'uf' paid
+            return "".join(rng.choice(_CONSONANTS + _VOWELS) for _ in range(rng.randint(1, 2)))
         i = rng.randrange(len(answer))
         other = rng.choice([c for c in _CONSONANTS + _VOWELS if c != answer[i]])
         return answer[:i] + other + answer[i + 1:]  # reversed, one letter wrong

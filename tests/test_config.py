@@ -117,3 +117,10 @@ def test_stage_args_ignore_the_launchers_local_rank():
     assert cfg.optim.lr == 0.01 and path == TINY and overrides == ["optim.lr=0.01"]
     with pytest.raises(ConfigError, match="usage"):
         parse_stage_args(PretrainConfig, [str(TINY)])
+
+
+def test_string_fields_keep_overrides_that_look_like_numbers():
+    from stages.config import SFTConfig
+    cfg = load_config(SFTConfig, REPO / "configs" / "tiny" / "sft.yaml",
+                      ["parent=" + "0" * 64, "run.name=123", "optim.lr=1e-3"])
+    assert cfg.parent == "0" * 64 and cfg.run.name == "123" and cfg.optim.lr == 1e-3

@@ -91,7 +91,7 @@ def test_too_few_examples_and_config_errors(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     path = write_set(tmp_path, sources=[{"name": "f", "type": "files", "paths": [str(f)]}])
-    with pytest.raises(DataError, match="source f: has 1 examples; needs 50"):
+    with pytest.raises(DataError, match=r"source f: has 1 examples \(0 more dropped by its filters\); needs 50"):
         X.build(X.load_example_set(path), tmp_path / "out")
     bad = write_set(tmp_path, sources=[{"name": "t", "type": "tasks", "families": ["chess"]}])
     with pytest.raises(ConfigError, match="unknown task families"):

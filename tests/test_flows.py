@@ -7,6 +7,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import PRESETS
 from stages.artifacts import ArtifactStore
+from stages.config import ConfigError
 from tests.conftest import REPO
 
 
@@ -14,14 +15,17 @@ from tests.conftest import REPO
 def harness(tmp_path_factory):
     import os
     home = tmp_path_factory.mktemp("prefect")
-    old = os.environ.get("PREFECT_HOME")
-    os.environ["PREFECT_HOME"] = str(home)
+    # The harness isolates the database only: results go to this session's folder too.
+    isolated = {"PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "results")}
+    old = {k: os.environ.get(k) for k in isolated}
+    os.environ.update(isolated)
     with prefect_test_harness(server_startup_timeout=120):
         yield
-    if old is None:
-        os.environ.pop("PREFECT_HOME", None)
-    else:
-        os.environ["PREFECT_HOME"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_flows_never_import_torch():
@@ -63,3 +67,77 @@ def test_pipeline_flow_chains_stages_and_publishes_lineage(harness, tmp_path):
     assert again == out
     assert all(len(store.versions(n)) == 1
                for n in ("tiny-pretrain", "tiny-sft", "tiny-rm", "tiny-ppo"))
+
+
+def test_from_stage_runs_only_the_later_stages(harness, tmp_path):
+    """from_stage=rm takes its SFT parent from the rm config (tiny-sft@latest) and runs rm and
+    ppo only; a forced rm gives a new rm version and a new PPO on top of it."""
+    from flows.pipeline import alignment_pipeline
+    params = PRESETS["tiny"].model_copy(deep=True)
+    params.store = str(tmp_path / "store")
+    first = alignment_pipeline(params)
+    params.from_stage = "rm"
+    params.rm.force = True
+    out = alignment_pipeline(params)
+    assert set(out) == {"rm", "ppo"}
+    store = ArtifactStore(params.store)
+    assert len(store.versions("tiny-rm")) == 2 and len(store.versions("tiny-sft")) == 1
+    roles = {p["role"]: p["digest"] for p in store.get(out["rm"]).parents}
+    assert roles["model"] == first["sft"]
+
+
+def test_a_failed_stage_is_relaunched_as_often_as_asked(harness, tmp_path):
+    import asyncio
+    from prefect.client.orchestration import get_client
+    from flows.params import StageParams
+    from flows.pipeline import sft_flow
+    params = StageParams(config="configs/tiny/sft.yaml", retries=1, retry_delay_s=0)
+    with pytest.raises(Exception, match="stage sft failed"):
+        sft_flow(params, parent="0" * 64, store=str(tmp_path / "store"))
+
+    async def launches():
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+            return [r.run_count for r in runs if r.name.startswith("launch")
+                    and r.state.is_failed()]
+    assert 2 in asyncio.run(launches())
+
+
+def test_deployments_and_schedules_with_parameters(tmp_path):
+    from flows.deploy import deployments, load_schedules
+    schedules = load_schedules(REPO / "infra" / "schedules.yaml")
+    deps = {d.name: d for d in deployments(schedules, store=str(tmp_path))}
+    assert set(deps) == {"pipeline-demo", "pipeline-tiny", "pretrain", "sft", "rm", "ppo"}
+    nightly = deps["pipeline-demo"].schedules[0]
+    assert nightly.schedule.cron == "0 2 * * *"
+    assert nightly.parameters["params"]["from_stage"] == "rm"
+    # the schedule's parameters are merged into the deployment's, not replacing them
+    assert nightly.parameters["params"]["sft"]["config"] == "configs/demo/sft.yaml"
+    assert deps["pipeline-tiny"].parameters["params"]["pretrain"]["config"] == \
+        "configs/tiny/pretrain.yaml"
+    assert deps["pipeline-tiny"].parameters["params"]["store"] == str(tmp_path)
+    bad = tmp_path / "s.yaml"
+    bad.write_text("schedules:\n  - {deployment: nightly, cron: '0 2 * * *'}\n")
+    with pytest.raises(ConfigError, match="unknown deployments .'nightly'."):
+        deployments(load_schedules(bad))
+    bad.write_text("schedules:\n  - {deployment: rm}\n")
+    with pytest.raises(ConfigError, match="exactly one of cron, interval_s"):
+        load_schedules(bad)
+
+
+def test_multi_node_launch_command_through_a_hostfile():
+    from flows.launch import build_command
+    cmd = build_command("pretrain", REPO / "configs" / "tiny" / "pretrain.yaml",
+                        ["deepspeed.hostfile=infra/hostfiles/two-nodes.txt",
+                         "deepspeed.num_nodes=2", "deepspeed.num_gpus=2",
+                         "train.global_batch_size=16", "deepspeed.master_port=29999"])
+    i = cmd.index("--hostfile")
+    assert cmd[i + 1].endswith("infra/hostfiles/two-nodes.txt")
+    assert cmd[cmd.index("--num_nodes") + 1] == "2" and cmd[cmd.index("--num_gpus") + 1] == "2"
+    assert cmd[cmd.index("--master_port") + 1] == "29999"
+    assert cmd[cmd.index("--module") + 1] == "stages.pretrain"
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        build_command("pretrain", REPO / "configs" / "tiny" / "pretrain.yaml",
+                      ["deepspeed.hostfile=infra/hostfiles/two-nodes.txt",
+                       "deepspeed.num_nodes=2", "deepspeed.num_gpus=2",
+                       "train.global_batch_size=6"])

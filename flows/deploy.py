@@ -1,0 +1,92 @@
+"""Deployments: the pipeline and each stage, so the Prefect UI can start, rerun and schedule them.
+
+`alignflow serve` serves them all from one process (the embedded default: no work pool, no
+worker). For GPU machines, infra/prefect.yaml declares the same deployments on a `process` work
+pool with one worker per machine. Schedules come from a YAML file (infra/schedules.yaml) and
+carry parameters, e.g. a nightly reward-model retrain followed by PPO.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from flows.params import PRESETS
+from stages.config import ConfigError, Strict
+
+
+class ScheduleEntry(Strict):
+    deployment: str = Field(description="Deployment name, e.g. pipeline-demo or rm.")
+    cron: str | None = None
+    interval_s: float | None = Field(None, gt=0)
+    timezone: str = "UTC"
+    parameters: dict = Field(default_factory=dict, description="Overrides of the deployment's "
+                             "default parameters for runs from this schedule.")
+
+
+class ScheduleFile(BaseModel):
+    schedules: list[ScheduleEntry] = Field(default_factory=list)
+
+
+def load_schedules(path: str | Path) -> list[ScheduleEntry]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: schedules file not found")
+    try:
+        entries = ScheduleFile.model_validate(yaml.safe_load(p.read_text()) or {}).schedules
+    except ValidationError as e:
+        msgs = [f"  {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
+        raise ConfigError(f"{path}: invalid schedules\n" + "\n".join(msgs)) from None
+    for i, s in enumerate(entries):
+        if (s.cron is None) == (s.interval_s is None):
+            raise ConfigError(f"{path}: schedules.{i}: give exactly one of cron, interval_s")
+    return entries
+
+
+def deployments(schedules: list[ScheduleEntry] = (), store: str | None = None) -> list:
+    """RunnerDeployments of the pipeline (demo and tiny presets) and of each stage."""
+    from prefect.schedules import Cron, Interval
+
+    from flows.pipeline import alignment_pipeline, ppo_flow, pretrain_flow, rm_flow, sft_flow
+
+    def pipeline_params(preset: str) -> dict:
+        p = PRESETS[preset].model_copy(deep=True)
+        p.store = store
+        return {"params": p.model_dump(mode="json")}
+
+    specs = {
+        "pipeline-demo": (alignment_pipeline, pipeline_params("demo"),
+                          "The demo pipeline: corpus, pretrain, sft, rm, ppo."),
+        "pipeline-tiny": (alignment_pipeline, pipeline_params("tiny"),
+                          "The tiny pipeline: seconds per stage, for smoke tests."),
+        "pretrain": (pretrain_flow, {"store": store}, "One pretrain run."),
+        "sft": (sft_flow, {"store": store}, "SFT of an existing model (parent: digest or "
+                "name@version; empty: the config's)."),
+        "rm": (rm_flow, {"store": store}, "A reward model from an existing SFT model."),
+        "ppo": (ppo_flow, {"store": store}, "PPO from existing SFT and reward models."),
+    }
+    unknown = {s.deployment for s in schedules} - set(specs)
+    if unknown:
+        raise ConfigError(f"schedules name unknown deployments {sorted(unknown)}; known: "
+                          f"{', '.join(specs)}")
+    out = []
+    for name, (fl, params, description) in specs.items():
+        sched = []
+        for s in schedules:
+            if s.deployment != name:
+                continue
+            merged = _merge(params, s.parameters)
+            sched.append(Cron(s.cron, timezone=s.timezone, parameters=merged) if s.cron else
+                         Interval(s.interval_s, parameters=merged))
+        out.append(fl.to_deployment(name=name, parameters=params, description=description,
+                                    schedules=sched or None, tags=["alignflow"]))
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

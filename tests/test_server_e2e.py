@@ -1,0 +1,151 @@
+"""End to end through a real Prefect server, as the UI drives it: a server on a free loopback
+port, `alignflow serve` serving the deployments, runs created with the Run button's API call
+(POST /api/deployments/{id}/create_flow_run), the cache skip of a second run, and a
+cancellation that must leave no process of the job alive."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.launch import free_port
+from flows.params import PRESETS
+from stages.artifacts import ArtifactStore
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def wait_for(what, check, timeout: float, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (got := check()) is not None:
+            return got
+        time.sleep(every)
+    raise TimeoutError(f"{what} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "ALIGNFLOW_HOME": str(root / "home"),
+           "PREFECT_LOCAL_STORAGE_PATH": str(root / "results")}
+    (root / "prefect").mkdir()
+    logs = {n: open(root / f"{n}.log", "w") for n in ("server", "serve")}
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=logs["server"],
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    procs = [server]
+    try:
+        http = httpx.Client(base_url=api, timeout=30)
+
+        def healthy():
+            try:
+                return http.get("/health").status_code == 200 or None
+            except httpx.HTTPError:
+                return None
+        wait_for("server not healthy", healthy, 180)
+        store = str(root / "store")
+        procs.append(subprocess.Popen([str(BIN / "alignflow"), "--store", store, "serve"],
+                                      cwd=REPO, env=env, stdout=logs["serve"],
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+
+        def deployment(name):
+            r = http.get(f"/deployments/name/{name}")
+            return r.json()["id"] if r.status_code == 200 else None
+        ids = {n: wait_for(f"deployment {n} not served", lambda n=n: deployment(n), 120)
+               for n in ("alignment-pipeline/pipeline-tiny", "pretrain/pretrain")}
+        yield http, ids, ArtifactStore(store), store, root
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(p.pid, signal.SIGKILL)
+        for f in logs.values():
+            f.close()
+
+
+def run_deployment(http, deployment_id: str, parameters: dict) -> str:
+    """Exactly what the UI's Run button sends."""
+    for _ in range(30):   # SQLite answers 503 while another writer holds the database
+        r = http.post(f"/deployments/{deployment_id}/create_flow_run",
+                      json={"parameters": parameters})
+        if r.status_code != 503:
+            break
+        time.sleep(2)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def final_state(http, run_id: str, timeout: float) -> str:
+    def done():
+        state = http.get(f"/flow_runs/{run_id}").json()["state"]
+        return state["type"] if state["type"] in ("COMPLETED", "FAILED", "CRASHED",
+                                                  "CANCELLED") else None
+    return wait_for(f"flow run {run_id} not finished", done, timeout, every=2)
+
+
+def job_processes(marker: str) -> list[int]:
+    out = subprocess.run(["ps", "-eww", "-o", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(l.split()[0]) for l in out.splitlines()
+            if marker in l and "ps -eww" not in l]
+
+
+def test_run_from_the_api_then_cached_rerun(served):
+    http, ids, store, store_root, root = served
+    params = PRESETS["tiny"].model_copy(deep=True)
+    params.store = store_root
+    params.ppo.overrides.append("train.max_steps=2")          # a custom parameter from the form
+    body = {"params": params.model_dump(mode="json")}
+    run = run_deployment(http, ids["alignment-pipeline/pipeline-tiny"], body)
+    state = final_state(http, run, 900)
+    assert state == "COMPLETED", (root / "serve.log").read_text()[-4000:]
+    names = ("tiny-pretrain", "tiny-sft", "tiny-rm", "tiny-ppo")
+    assert all(len(store.versions(n)) == 1 for n in names)
+    keys = {a["key"] for a in http.post("/artifacts/filter", json={}).json()}
+    assert {f"{n}-lineage" for n in names} <= keys and "tiny-ppo-metrics" in keys
+    ppo = store.get("tiny-ppo@latest")
+    assert ppo.manifest["flow_run_id"] and "train.max_steps=2" in ppo.manifest["command"]
+
+    t0 = time.time()
+    again = run_deployment(http, ids["alignment-pipeline/pipeline-tiny"], body)
+    assert final_state(http, again, 600) == "COMPLETED"
+    assert all(len(store.versions(n)) == 1 for n in names), "an unchanged stage retrained"
+    print(f"cached rerun through the server: {time.time() - t0:.1f} s")
+
+
+def test_cancel_stops_the_launcher_and_every_rank(served):
+    http, ids, store, store_root, root = served
+    marker = f"run.store={store_root}-cancel"
+    body = {"params": {"config": "configs/tiny/pretrain.yaml",
+                       "overrides": ["train.max_steps=100000", "run.name=tiny-cancel",
+                                     "checkpoint.every_steps=100000"]},
+            "store": store_root + "-cancel"}
+    run = run_deployment(http, ids["pretrain/pretrain"], body)
+    # Wait until the ranks train: a rank is a python process running stages.pretrain.
+    wait_for("stage ranks never started", lambda: (
+        [p for p in job_processes(marker) if "--local_rank" in " ".join(
+            open(f"/proc/{p}/cmdline").read().split("\0"))] or None)
+        if job_processes(marker) else None, 300)
+    time.sleep(3)
+    t0 = time.time()
+    r = http.post(f"/flow_runs/{run}/set_state",
+                  json={"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True})
+    assert r.status_code in (200, 201), r.text
+    wait_for("job processes survived cancellation", lambda: None if job_processes(marker)
+             else True, 15, every=0.5)
+    stopped_s = time.time() - t0
+    assert final_state(http, run, 60) in ("CANCELLED", "CRASHED")
+    assert not store.versions("tiny-cancel"), "a cancelled run registered an artifact"
+    assert not ArtifactStore(store_root + "-cancel").versions("tiny-cancel")
+    print(f"cancellation stopped every process in {stopped_s:.1f} s")
