@@ -127,6 +127,18 @@ def cmd_run(store: ArtifactStore, args) -> int:
     return 0
 
 
+def cmd_sample(store: ArtifactStore, args) -> int:
+    """Side-by-side generations, in a child process: the CLI itself never imports torch."""
+    import subprocess
+    cmd = [sys.executable, "-m", "stages.sample", *args.models, "--store", store.root,
+           "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p",
+           str(args.top_p), "--max-new-tokens", str(args.max_new_tokens), "--seed",
+           str(args.seed), *(["--json"] if args.json else [])]
+    for prompt in args.prompt:
+        cmd += ["--prompt", prompt]
+    return subprocess.run(cmd).returncode
+
+
 def cmd_serve(store: ArtifactStore, args) -> int:
     """Serve every deployment from this process; runs start from the UI or the API."""
     prefect_env()
@@ -244,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=4200)
     s.set_defaults(func=cmd_server)
+
+    s = sub.add_parser("sample", help="generations of several models side by side")
+    s.add_argument("models", nargs="+", help="model refs (e.g. demo-sft demo-ppo)")
+    s.add_argument("--prompt", action="append", required=True, help="repeat for several")
+    s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    s.add_argument("--top-k", type=int, default=0, help="0: off")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("serve", help="serve the pipeline and stage deployments (runs started "
                        "from the UI execute here)")

@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from stages.config import SCHEMAS, find_file, load_config
+import glob
+import hashlib
+import json
+
+import yaml
+
+from stages.artifacts import ArtifactError, ArtifactStore, code_fingerprint, json_digest
+from stages.config import SCHEMAS, find_file, load_config, resolved
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,3 +101,45 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+# Config keys whose values name artifacts; they are resolved to digests in the launch key.
+REF_KEYS = {"parent", "actor", "reward", "artifact", "tokenizer", "init_from"}
+
+
+def launch_key(stage: str, config: str | Path, overrides: list[str],
+               store: ArtifactStore) -> str | None:
+    """What decides a launch's result, computed here without torch or data preparation: the
+    resolved config, every dataset YAML it names (recursively) and the files they list, the
+    digests its artifact references resolve to, and the stage code. None when a reference
+    does not resolve yet (the stage must run and decide). The stage keeps its own, finer
+    check: this one only saves the launcher start when nothing changed."""
+    cfg = resolved(load_config(SCHEMAS[stage], config, list(overrides)))
+    parts: list = []
+    try:
+        _walk(cfg, None, store, parts, set())
+    except ArtifactError:
+        return None
+    return json_digest({"stage": stage, "config": cfg, "inputs": parts,
+                        "code": code_fingerprint()})
+
+
+def _walk(node, key, store: ArtifactStore, parts: list, seen: set) -> None:
+    if isinstance(node, dict):
+        for k, v in sorted(node.items()):
+            _walk(v, k, store, parts, seen)
+    elif isinstance(node, list):
+        for v in node:
+            _walk(v, key, store, parts, seen)
+    elif isinstance(node, str):
+        if key in REF_KEYS and key != "tokenizer" or (key == "tokenizer" and node and
+                                                     not Path(node).is_dir()):
+            parts.append((key, node, store.resolve(node)))
+        elif node.endswith((".yaml", ".yml")) and find_file(node).is_file() and node not in seen:
+            seen.add(node)
+            text = find_file(node).read_text()
+            parts.append((node, hashlib.sha256(text.encode()).hexdigest()))
+            _walk(yaml.safe_load(text), None, store, parts, seen)
+        elif key == "paths" or (key == "path" and not node.startswith(("s3:", "gs:"))):
+            for f in sorted(glob.glob(str(find_file(node)))):
+                parts.append((f, hashlib.sha256(Path(f).read_bytes()).hexdigest()))

@@ -4,11 +4,16 @@ Prefect artifacts. Everything heavy happens in the stage processes."""
 
 from __future__ import annotations
 
+import json
+import re
+
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
+                               create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 from prefect.context import get_run_context
 
-from flows.launch import build_command, run_stage
+from flows.launch import build_command, launch_key, run_stage
 from flows.params import PipelineParams, StageParams
 from stages import lineage
 from stages.artifacts import ArtifactStore
@@ -32,22 +37,103 @@ def launch_task(stage: str, params: StageParams, store: str | None,
                  *(["run.force=true"] if params.force else []),
                  *(f"{k}={v}" for k, v in (parents or {}).items()), *params.overrides]
     cmd = build_command(stage, params.config, overrides)
+    # Decided here, before any launcher starts: an unchanged stage costs a second, not the
+    # launcher's start and the stage's data checks.
+    st = ArtifactStore(store)
+    key = None if params.force else launch_key(stage, params.config, overrides, st)
+    if key and (hit := st.find_by_inputs(f"launch-{key}")) is not None:
+        if hit.manifest.get("name"):
+            st.tag(hit.manifest["name"], hit.digest)
+        log.info("unchanged inputs: reusing %s %s %s without launching (force=true retrains)",
+                 stage, hit.manifest.get("name"), hit.short)
+        return hit.digest
     log.info("launching: %s", " ".join(cmd))
     # A relaunch after a failure finds the same work directory (keyed by the stage's inputs)
     # and resumes from its last complete checkpoint.
     ctx = get_run_context()
     run_id = str(getattr(getattr(ctx, "task_run", None), "flow_run_id", "") or "")
-    code, digest = run_stage(cmd, env={"ALIGNFLOW_FLOW_RUN_ID": run_id}, on_line=log.info)
+    progress = Progress(stage)
+    code, digest = run_stage(cmd, env={"ALIGNFLOW_FLOW_RUN_ID": run_id},
+                             on_line=lambda line: (log.info(line), progress.see(line)))
+    progress.done()
     if code != 0 or not digest:
         raise RuntimeError(f"stage {stage} failed with exit code {code}; see the log above")
+    if key:
+        st.remember(f"launch-{key}", digest)
     return digest
 
 
+class Progress:
+    """A Prefect progress artifact moved by the step counters in the stage's output: our
+    stages log "step N/M", the HF trainers' progress bars print "N/M ["."""
+
+    STEP = re.compile(r"(?:step |\| ?)(\d+)/(\d+)\b")
+
+    def __init__(self, stage: str):
+        self.id = create_progress_artifact(0.0, description=f"{stage}: training progress")
+        self.shown = 0
+
+    def see(self, line: str) -> None:
+        found = self.STEP.findall(line)
+        if found and int(found[-1][1]) > 0:
+            pct = min(100, int(100 * int(found[-1][0]) / int(found[-1][1])))
+            if pct > self.shown:   # one update per percent, not one per line
+                self.shown = pct
+                update_progress_artifact(self.id, float(pct))
+
+    def done(self) -> None:
+        if self.shown < 100:
+            update_progress_artifact(self.id, 100.0)
+
+
+def report(stage: str, art, store: ArtifactStore) -> str:
+    """Markdown: metrics against the parent, config changes since the previous version,
+    sample generations, curves and where the checkpoint is."""
+    m = art.manifest.get("metrics", {})
+    name = art.manifest.get("name") or stage
+    lines = [f"# {stage} `{name}` {art.short}", "", "| metric | this model | parent |",
+             "|---|---|---|"]
+    for k, v in sorted(m.items()):
+        if isinstance(v, (int, float)) and not k.startswith(("parent_", "sft_", "unigram_")):
+            ref = next((m[p + k] for p in ("parent_", "sft_", "unigram_") if p + k in m), "")
+            lines.append(f"| {k} | {_fmt(v)} | {_fmt(ref)} |")
+    history = store.versions(name)
+    older = [v.digest for v in history if v.digest != art.digest]
+    if older:
+        d = lineage.diff(store, older[-1], art.digest)
+        lines += ["", f"## Changes since the previous version ({older[-1][:12]})", "",
+                  "```", lineage.render_diff(d, lineage.labels(store)), "```"]
+    files = store.local_path(art.digest) if store.local else None
+    samples = files / "samples.json" if files else None
+    if samples and samples.exists():
+        lines += ["", "## Sample generations", "", "| prompt | response | answer |", "|---|---|---|"]
+        for r in json.loads(samples.read_text())[:8]:
+            cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ")[:80]
+                     for k in ("prompt", "response", "answer")]
+            lines.append("| " + " | ".join(cells) + " |")
+    if files:
+        lines += ["", f"Checkpoint: `{files}`"]
+        if (files / "curves.png").exists():
+            lines += [f"Curves: [curves.png](file://{files / 'curves.png'})"]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def publish(stage: str, digest: str, store: ArtifactStore) -> None:
-    """Report, metrics table and the model's lineage as Prefect artifacts."""
+    """Report, metrics table, checkpoint link and the model's lineage as Prefect artifacts.
+    Also on a skip, so the UI shows every run complete."""
     art = store.get(digest, verify=False)
     name = art.manifest.get("name") or stage
     g = lineage.build(store, digest)
+    create_markdown_artifact(key=f"{slug(name)}-report", markdown=report(stage, art, store),
+                             description=f"{stage} report of {art.short}")
+    if store.local:
+        create_link_artifact(key=f"{slug(name)}-checkpoint",
+                             link=f"file://{store.local_path(digest)}",
+                             link_text=f"{name} {art.short}", description="the exported model")
     metrics = {k: v for k, v in art.manifest.get("metrics", {}).items()
                if isinstance(v, (int, float))}
     create_table_artifact(key=f"{slug(name)}-metrics", table=[

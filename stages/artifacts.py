@@ -251,9 +251,13 @@ class ArtifactStore:
         if name:
             self._register(name, digest)
         if input_key:
-            self._write_atomic(self._p("inputs", f"{input_key}.json"),
-                               json.dumps({"digest": digest, "created": now_iso()}).encode())
+            self.remember(input_key, digest)
         return art
+
+    def remember(self, input_key: str, digest: str) -> None:
+        """Record that these inputs gave this artifact (find_by_inputs reads it back)."""
+        self._write_atomic(self._p("inputs", f"{input_key}.json"),
+                           json.dumps({"digest": digest, "created": now_iso()}).encode())
 
     def _exists(self, digest: str) -> bool:
         return self.fs.exists(posixpath.join(self._dir(digest), MANIFEST))

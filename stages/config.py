@@ -345,6 +345,13 @@ class RMDataConfig(Strict):
     dataset: str = Field(description="Preference dataset YAML (prompt, chosen, rejected).")
     max_length: int = Field(512, gt=1)
     eval_examples: int = Field(200, gt=0)
+    policy_samples: int = Field(0, ge=0, description="Answers sampled from the parent SFT model "
+                                "per task prompt (pairs with a known answer); those the checker "
+                                "rejects become extra rejected answers. The RM then learns the "
+                                "mistakes PPO will explore, as RLHF labels policy samples.")
+    policy_temperature: float = Field(1.0, gt=0, description="Sampling temperature of those "
+                                      "answers: PPO's rollout temperature.")
+    policy_max_new_tokens: int = Field(16, gt=0)
 
 
 class RMConfig(Strict):

@@ -136,6 +136,28 @@ def chat_length(tok, messages: list[dict]) -> int:
     return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
+def sample_answers(model, tok, prompts: list[str], k: int, temperature: float,
+                   max_new_tokens: int, batch: int = 64) -> list[list[str]]:
+    """k sampled answers per prompt, cut at the EOS, as PPO's rollouts would produce them."""
+    import torch
+    model.eval()
+    tok.padding_side = "left"
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            enc = tok([chat_prompt(tok, p) for p in chunk], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
+                                 temperature=temperature, top_k=None, num_return_sequences=k,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts = [tok.decode(ids, skip_special_tokens=False).split(tok.eos_token)[0]
+                     .replace(tok.pad_token or "\0", "")
+                     for ids in gen[:, enc["input_ids"].shape[1]:]]
+            out += [texts[j * k:(j + 1) * k] for j in range(len(chunk))]
+    return out
+
+
 def gold_accuracy(model, tok, recs: list[dict], max_new_tokens: int, batch: int = 32) -> dict:
     """Greedy answers to task prompts, checked against their known answers."""
     import torch

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
+from stages import plots
 from stages import losses as L
 from stages.artifacts import ArtifactStore, input_key
 from stages.config import ConfigError, PPOConfig, TrainConfig, parse_stage_args, resolved
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"accuracy fell by {-gold_delta:.3f}")
         (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
         (export / "samples.json").write_text(json.dumps(last_eval["samples"], indent=2))
+        plots.curves(export / "train_log.jsonl", export / "curves.png", f"ppo {cfg.run.name}")
         art = store.put(export, kind="model", stage="ppo", name=cfg.run.name, parents=parents,
                         config=resolved(cfg), input_key=key, metrics=final, move=True,
                         datasets={"prompts": {"digest": data_art.digest,

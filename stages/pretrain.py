@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
+from stages import plots
 from stages.artifacts import ArtifactStore, input_key, json_digest, sha256_file
 from stages.config import ConfigError, PretrainConfig, find_file, parse_stage_args, resolved
 from stages.model import PRESETS, device_peak_flops, flops_per_token, llama_config, matmul_params
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         final.update(train_tokens=tokens_per_step * cfg.train.max_steps,
                      unigram_val_loss=stats.get("unigram_val_loss"),
                      params=n_flop_params)
+        plots.curves(export / "train_log.jsonl", export / "curves.png", f"pretrain {cfg.run.name}")
         art = store.put(export, kind="model", stage="pretrain", name=cfg.run.name,
                         parents=parents, config=resolved(cfg), input_key=key, move=True,
                         datasets={"train": {"digest": ds_art.digest,

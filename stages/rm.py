@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
+from stages import plots
 from stages.artifacts import ArtifactStore, input_key
 from stages.config import ConfigError, RMConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
@@ -64,6 +65,27 @@ def drop_too_long(recs: list[dict], tok, max_length: int) -> tuple[list[dict], i
     return keep, len(recs) - len(keep)
 
 
+def policy_pairs(parent, tok, recs: list[dict], cfg: RMConfig, seed: int) -> list[dict]:
+    """(prompt, known answer, the parent's wrong sample) for task records with an answer."""
+    from transformers import AutoModelForCausalLM
+    from stages.model import sample_answers
+    from stages.tasks import check
+    tasks = list({r["prompt"]: r for r in recs if "answer" in r}.values())
+    if not tasks:
+        return []
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(parent.local_path(), dtype=torch.float32)
+    samples = sample_answers(model, tok, [r["prompt"] for r in tasks], cfg.data.policy_samples,
+                             cfg.data.policy_temperature, cfg.data.policy_max_new_tokens)
+    out = []
+    for r, answers in zip(tasks, samples):
+        for a in dict.fromkeys(answers):
+            if not check(r["answer"], a) and a.strip() != r["answer"].strip():
+                out.append({"task": r.get("task"), "source": "policy", "prompt": r["prompt"],
+                            "chosen": r["answer"], "rejected": a})
+    return out
+
+
 @torch.no_grad()
 def score(model, tok, recs: list[dict], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected for each pair, as PPO will compute them."""
@@ -96,15 +118,22 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     tok = load_tokenizer(parent.local_path())
-    train, dropped = drop_too_long(conversational(read_jsonl(data_art.local_path() /
-                                                             "train.jsonl")), tok,
+    train_raw = read_jsonl(data_art.local_path() / "train.jsonl")
+    eval_raw = read_jsonl(data_art.local_path() / "eval.jsonl")[: cfg.data.eval_examples]
+    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
+    policy = {"train": [], "eval": []}
+    if cfg.data.policy_samples:
+        # Rank 0 samples once; every rank trains on the same pairs.
+        policy = E.on_rank0(lambda: {"train": policy_pairs(parent, tok, train_raw, cfg, 1),
+                                     "eval": policy_pairs(parent, tok, eval_raw, cfg, 2)}, d)
+        E.log(d, f"policy samples: {len(policy['train'])} train / {len(policy['eval'])} eval "
+                 f"wrong answers of the parent become rejected answers")
+    train, dropped = drop_too_long(conversational(train_raw + policy["train"]), tok,
                                    cfg.data.max_length)
-    evalset, dropped_eval = drop_too_long(conversational(read_jsonl(data_art.local_path() /
-                                                                    "eval.jsonl")), tok,
-                                          cfg.data.max_length)
-    evalset = evalset[: cfg.data.eval_examples]
+    evalset, dropped_eval = drop_too_long(conversational(eval_raw), tok, cfg.data.max_length)
+    policy_eval, _ = drop_too_long(conversational(policy["eval"]), tok, cfg.data.max_length)
     families = [r.pop("family") for r in evalset]
-    for r in train:
+    for r in train + policy_eval:
         r.pop("family")
     E.log(d, f"rm {cfg.run.name}: {len(train)} train / {len(evalset)} eval pairs; dropped "
              f"{dropped} + {dropped_eval} longer than data.max_length={cfg.data.max_length}")
@@ -116,7 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardConfig, RewardTrainer
 
-    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
     model = AutoModelForSequenceClassification.from_pretrained(
         parent.local_path(), num_labels=1, dtype=torch.float32)
@@ -168,11 +196,18 @@ def main(argv: list[str] | None = None) -> None:
         right = (chosen > rejected).tolist()
         by_family = {f: sum(ok for ok, g in zip(right, families) if g == f) / families.count(f)
                      for f in sorted(set(families))}
+        if policy_eval:  # held-out wrong answers the SFT model actually gives
+            pc, pr = score(result, tok, policy_eval)
+            by_family["policy_samples"] = (pc > pr).float().mean().item()
+            with open(export / "policy_pairs.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in policy["train"])
         metrics = {"pairwise_accuracy": (chosen > rejected).float().mean().item(),
                    "pairwise_accuracy_by_family": by_family,
                    "reward_margin": (chosen - rejected).mean().item(), **stats,
                    "eval_loss": eval_metrics.get("eval_loss"), "train_pairs": len(train),
+                   "policy_pairs": len(policy["train"]),
                    "dropped_too_long": dropped + dropped_eval}
+        plots.curves(export / "train_log.jsonl", export / "curves.png", f"rm {cfg.run.name}")
         art = store.put(export, kind="model", stage="rm", name=cfg.run.name, parents=parents,
                         config=resolved(cfg), input_key=key, metrics=metrics, move=True,
                         datasets={"train": {"digest": data_art.digest, "pairs": len(train)}},

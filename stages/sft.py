@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
+from stages import plots
 from stages.artifacts import ArtifactStore, input_key
 from stages.config import ConfigError, SFTConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                                        if "train_loss" in r), None)}
         if acc:
             (export / "samples.json").write_text(json.dumps(acc["samples"], indent=2))
+        plots.curves(export / "train_log.jsonl", export / "curves.png", f"sft {cfg.run.name}")
         extra_parents = []
         if cfg.lora.enabled:
             ad = store.put(adapter, kind="adapter", stage="sft", name=f"{cfg.run.name}-lora",

@@ -130,3 +130,15 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 def test_flops_per_token():
     # 6N + 12 L H T for N=1e6, L=2, H=64, T=128
     assert flops_per_token(1_000_000, 2, 64, 128) == 6_000_000 + 12 * 2 * 64 * 128
+
+
+def test_training_curves_png(tmp_path):
+    import json as _json
+    from stages import plots
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(_json.dumps({"step": s, "loss": 3 - s / 10, "kl": s / 100})
+                           + "\n" for s in range(1, 6)))
+    out = plots.curves(log, tmp_path / "c.png", "test")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    log.write_text(_json.dumps({"step": 1, "loss": 1.0}) + "\n")   # one point: nothing to draw
+    assert plots.curves(log, tmp_path / "d.png", "test") is None

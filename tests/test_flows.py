@@ -58,7 +58,16 @@ def test_pipeline_flow_chains_stages_and_publishes_lineage(harness, tmp_path):
             return {a.key: a for a in await client.read_artifacts() if a.key}
     got = asyncio.run(artifacts())
     for name in ("tiny-pretrain", "tiny-sft", "tiny-rm", "tiny-ppo"):
-        assert f"{name}-lineage" in got and f"{name}-metrics" in got
+        assert {f"{name}-lineage", f"{name}-metrics", f"{name}-report",
+                f"{name}-checkpoint"} <= set(got)
+    assert "| gold_accuracy |" in got["tiny-sft-report"].data
+    assert "Sample generations" in got["tiny-ppo-report"].data
+
+    async def progress():
+        async with get_client() as client:
+            return [a for a in await client.read_artifacts() if a.type == "progress"]
+    bars = asyncio.run(progress())
+    assert len(bars) >= 4 and all(float(a.data) == 100.0 for a in bars)
     assert rm.short in got["tiny-rm-lineage"].data and pre.short in got["tiny-rm-lineage"].data
     assert "flowchart BT" in got["tiny-rm-lineage"].data
 
@@ -67,6 +76,8 @@ def test_pipeline_flow_chains_stages_and_publishes_lineage(harness, tmp_path):
     assert again == out
     assert all(len(store.versions(n)) == 1
                for n in ("tiny-pretrain", "tiny-sft", "tiny-rm", "tiny-ppo"))
+    # decided in the flow: no launcher started, so no new progress bar either
+    assert len(asyncio.run(progress())) == len(bars)
 
 
 def test_from_stage_runs_only_the_later_stages(harness, tmp_path):
@@ -141,3 +152,33 @@ def test_multi_node_launch_command_through_a_hostfile():
                       ["deepspeed.hostfile=infra/hostfiles/two-nodes.txt",
                        "deepspeed.num_nodes=2", "deepspeed.num_gpus=2",
                        "train.global_batch_size=6"])
+
+
+def test_launch_key_follows_every_input(tmp_path):
+    """The flow's skip key changes with the config, a dataset YAML it names, the files that
+    YAML lists and the digest a parent name resolves to; an unresolvable parent gives None."""
+    import shutil
+    from flows.launch import launch_key
+    from tests.conftest import put
+    store = ArtifactStore(tmp_path / "store")
+    put(store, tmp_path, {"config.json": b"{}"}, kind="model", stage="pretrain", name="m")
+    data = tmp_path / "sft.yaml"
+    shutil.copy(REPO / "datasets_cfg" / "tiny_sft.yaml", data)
+    faq = tmp_path / "faq.jsonl"
+    shutil.copy(REPO / "tests" / "data" / "tiny" / "faq.jsonl", faq)
+    data.write_text(data.read_text().replace("tests/data/tiny/faq.jsonl", str(faq)))
+    cfg = REPO / "configs" / "tiny" / "sft.yaml"
+    over = ["parent=m@latest", f"data.dataset={data}"]
+    base = launch_key("sft", cfg, over, store)
+    assert base and launch_key("sft", cfg, over, store) == base
+    assert launch_key("sft", cfg, over + ["optim.lr=2e-3"], store) != base
+    faq.write_text(faq.read_text() + faq.read_text().splitlines()[0] + "\n")
+    changed_file = launch_key("sft", cfg, over, store)
+    assert changed_file != base
+    data.write_text(data.read_text().replace("seed: 1", "seed: 5"))
+    assert launch_key("sft", cfg, over, store) not in (base, changed_file)
+    before = launch_key("sft", cfg, over, store)
+    put(store, tmp_path, {"config.json": b"{ }"}, kind="model", stage="pretrain", name="m")
+    assert launch_key("sft", cfg, over, store) != before          # m@latest moved
+    assert launch_key("sft", cfg, ["parent=nothing@latest", f"data.dataset={data}"],
+                      store) is None

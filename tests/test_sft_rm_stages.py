@@ -26,6 +26,8 @@ def test_sft_writes_a_chat_model_whose_parent_is_its_input(chain):
     assert store.get(roles["dataset"]).manifest["name"] == "tiny-sft-data"
     m = art.manifest["metrics"]
     assert {"gold_accuracy", "parent_gold_accuracy", "eval_loss", "eos_rate"} <= set(m)
+    assert m["heldout_loss"] < m["parent_heldout_loss"]     # same function, same held-out pairs
+    assert (art.local_path() / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # some real FAQ answers exceed max_length=96: counted, dropped, and said in the log
     assert m["dropped_too_long"] > 0 and m["train_examples"] + m["dropped_too_long"] >= 400
     assert "dropped" in log and m["train_examples"] < 400
@@ -48,7 +50,15 @@ def test_rm_scores_pairs_and_stores_reward_statistics(chain):
     roles = {p["role"]: p["digest"] for p in art.parents}
     assert roles["model"] == store.resolve("tiny-sft")
     m = art.manifest["metrics"]
-    assert 0 <= m["pairwise_accuracy"] <= 1 and m["reward_std"] > 0 and m["train_pairs"] == 400
+    assert 0 <= m["pairwise_accuracy"] <= 1 and m["reward_std"] > 0
+    # one sample of the SFT model per task prompt; the wrong ones became extra pairs
+    assert 0 < m["policy_pairs"] <= 400 and m["train_pairs"] == 400 + m["policy_pairs"]
+    assert "policy_samples" in m["pairwise_accuracy_by_family"]
+    assert {"larger", "sort", "label"} <= set(m["pairwise_accuracy_by_family"])
+    pairs = [json.loads(l) for l in (art.local_path() / "policy_pairs.jsonl").read_text()
+             .splitlines()]
+    assert len(pairs) == m["policy_pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert (art.local_path() / "curves.png").read_bytes()[:4] == b"\x89PNG"
     stats = json.loads((art.local_path() / "reward_stats.json").read_text())
     assert stats["reward_mean"] == pytest.approx(m["reward_mean"])
     assert "held-out pairwise accuracy" in log
@@ -104,3 +114,20 @@ def test_bad_input_fails_before_training(chain, stage, override, message):
     root = chain[0]
     out = run_module(root, stage, override)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_sample_prints_models_side_by_side(chain):
+    root, store, _, _ = chain
+    cmd = [str(Path(sys.executable).parent / "alignflow"), "--store", str(root / "store"),
+           "sample", "tiny-pretrain", "tiny-sft", "--prompt", "What is 2 + 3?", "--prompt",
+           "Sort in ascending order: 3 1 2", "--max-new-tokens", "4", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["prompt"] for r in rows] == ["What is 2 + 3?", "Sort in ascending order: 3 1 2"]
+    labels = [k for k in rows[0] if k != "prompt"]
+    assert [l.split("@")[0] for l in labels] == ["tiny-pretrain", "tiny-sft"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert json.loads(again.stdout) == rows                 # greedy: the same text again
+    bad = subprocess.run(cmd[:4] + ["tiny-rm", "--prompt", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "ForCausalLM" in bad.stderr

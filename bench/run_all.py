@@ -1,0 +1,40 @@
+"""Every benchmark, one after another: `.venv/bin/python bench/run_all.py [--quick]`.
+
+pretrain throughput (stage vs bare PyTorch), demo corpus build cold and warm, PPO throughput
+(needs demo-sft and demo-rm: run `bash scripts/demo.sh` first, or it is reported as skipped),
+pipeline orchestration overhead and cached rerun. --quick uses the tiny preset for the
+pipeline and fewer PPO steps. Each prints its figures and writes its JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv[1:]
+    runs = [("pretrain_throughput", []), ("corpus_build", []),
+            ("ppo_throughput", ["--steps", "6"] if quick else []),
+            ("pipeline_overhead", ["--preset", "tiny" if quick else "demo"])]
+    failed = []
+    for name, extra in runs:
+        print(f"\n=== {name} ===", flush=True)
+        t0 = time.time()
+        code = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *extra],
+                              cwd=REPO).returncode
+        print(f"=== {name}: {'ok' if code == 0 else f'FAILED ({code})'} in "
+              f"{time.time() - t0:.0f} s", flush=True)
+        if code:
+            failed.append(name)
+    print(f"\n{len(runs) - len(failed)} of {len(runs)} benchmarks ran"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Training curves as a PNG inside each stage's artifact (linked from its Prefect report).
+
+Reads the stage's train_log.jsonl (our Metrics rows, or the HF Trainer's log history) and
+draws one panel per curve that the log has: losses, rewards, KL, accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Panels in this order, each with the log keys drawn on it (first match per key).
+PANELS = {
+    "loss": ("loss", "val_loss", "eval_loss", "policy_loss", "value_loss"),
+    "reward": ("reward", "eval_reward", "mean_reward", "score_normalized"),
+    "kl": ("kl", "kl_exact", "eval_kl", "beta"),
+    "accuracy": ("accuracy", "eval_accuracy", "gold_accuracy", "eval_gold_accuracy"),
+}
+
+
+def curves(log: Path, out: Path, title: str) -> Path | None:
+    """Write `out` (PNG) from the rows of `log`; None when the log has nothing to draw."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+    panels = {}
+    for panel, keys in PANELS.items():
+        series = {}
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))
+                   and isinstance(r.get("step"), (int, float))]
+            if len(pts) >= 2:
+                series[k] = pts
+        if series:
+            panels[panel] = series
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for k, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.4)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
