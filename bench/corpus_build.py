@@ -38,7 +38,7 @@ def main() -> None:
                            log=lambda *a: None)
         runs[label] = {"seconds": time.time() - t0, "chars": art.manifest["metrics"]["chars"],
                        "documents": art.manifest["metrics"]["documents"], "digest": art.digest}
-    from pretrain_throughput import machine_info
+    from common import machine_info, save
     result = {"benchmark": "corpus_build", "recipe": args.recipe, **runs,
               "same_digest": runs["cold"]["digest"] == runs["warm"]["digest"],
               "machine": machine_info(),
@@ -49,11 +49,7 @@ def main() -> None:
         r = runs[label]
         print(f"  {label}: {r['seconds']:6.1f} s   {r['chars'] / 1e6 / r['seconds']:6.2f} MB/s")
     print(f"  same digest cold and warm: {result['same_digest']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"corpus_build-{result['machine']['device_slug']}.json"
-    dest.write_text(json.dumps(result, indent=2))
-    print(f"  written to {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+    save(result, args.out, "corpus_build")
 
 
 if __name__ == "__main__":

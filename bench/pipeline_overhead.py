@@ -79,7 +79,7 @@ def main() -> None:
     rerun_s = time.time() - t0
     overhead = (flow_s - direct_s) / direct_s
 
-    from pretrain_throughput import machine_info
+    from common import machine_info, save
     result = {"benchmark": "pipeline_overhead", "preset": args.preset, "direct_s": direct_s,
               "flow_s": flow_s, "overhead": overhead, "cached_rerun_s": rerun_s,
               "machine": machine_info(),
@@ -89,11 +89,7 @@ def main() -> None:
     print(f"  alignment-pipeline flow          : {flow_s:8.1f} s")
     print(f"  orchestration overhead           : {overhead:8.1%}   (target <= 3%)")
     print(f"  cached rerun, nothing changed    : {rerun_s:8.1f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"pipeline_overhead-{args.preset}-{result['machine']['device_slug']}.json"
-    dest.write_text(json.dumps(result, indent=2))
-    print(f"  written to {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+    save(result, args.out, f"pipeline_overhead-{args.preset}")
 
 
 if __name__ == "__main__":

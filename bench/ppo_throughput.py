@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.launch import build_command, run_stage
-    from pretrain_throughput import machine_info
+    from common import machine_info, save
     from stages.config import PPOConfig, load_config
 
     work = Path(tempfile.mkdtemp(prefix="alignflow-bench-ppo-"))
@@ -79,11 +79,7 @@ def main() -> None:
           f"tokens/s")
     print(f"  share of the step generating    : {result['generation_share_median']:.1%}")
     print(f"  response length (median)        : {result['response_length_median']:.1f} tokens")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"ppo_throughput-{result['machine']['device_slug']}.json"
-    dest.write_text(json.dumps(result, indent=2))
-    print(f"  written to {dest.relative_to(REPO) if dest.is_relative_to(REPO) else dest}")
+    save(result, args.out, "ppo_throughput")
 
 
 if __name__ == "__main__":

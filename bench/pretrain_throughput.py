@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,7 @@ print(json.dumps({"step_s": times, "loss": losses, "threads": torch.get_num_thre
 
 
 def main() -> None:
+    from common import machine_info, save
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/demo/pretrain.yaml")
     ap.add_argument("--steps", type=int, default=60)
@@ -141,20 +141,7 @@ def main() -> None:
     print(f"  ratio stage / bare             : {result['ratio']:10.3f}   (target >= 0.95)")
     print(f"  wall time incl. start-up       : stage {wall_stage:.1f}s, bare {wall_bare:.1f}s")
     print(f"  largest per-step loss gap      : {loss_gap:.2e}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"pretrain_throughput-{result['machine']['device_slug']}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"  written to {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
-
-
-def machine_info() -> dict:
-    import torch
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device_slug": (gpu or f"cpu{os.cpu_count()}").replace(" ", "-").lower()}
+    save(result, args.out, "pretrain_throughput")
 
 
 if __name__ == "__main__":
