@@ -149,3 +149,32 @@ def test_cancel_stops_the_launcher_and_every_rank(served):
     assert not store.versions("tiny-cancel"), "a cancelled run registered an artifact"
     assert not ArtifactStore(store_root + "-cancel").versions("tiny-cancel")
     print(f"cancellation stopped every process in {stopped_s:.1f} s")
+
+
+def chromium() -> str | None:
+    import shutil
+    return next((p for p in ("chromium", "chromium-browser", "google-chrome") if shutil.which(p)),
+                None)
+
+
+def rendered(url: str, tmp: Path) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium."""
+    out = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                          f"--user-data-dir={tmp}", "--virtual-time-budget=20000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    return out.stdout
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed "
+                    "(apt-get install chromium)")
+def test_the_ui_renders_the_run_form_and_a_lineage_artifact(served, tmp_path):
+    http, ids, store, store_root, root = served
+    ui = str(http.base_url).rstrip("/").removesuffix("/api")
+    form = rendered(f"{ui}/deployments/deployment/{ids['alignment-pipeline/pipeline-tiny']}"
+                    f"/run", tmp_path / "a")
+    assert "From Stage" in form or "from_stage" in form, form[-2000:]
+    assert "configs/tiny/pretrain.yaml" in form
+    if not store.versions("tiny-ppo"):
+        pytest.skip("needs the pipeline run of test_run_from_the_api_then_cached_rerun")
+    page = rendered(f"{ui}/artifacts/key/tiny-ppo-lineage", tmp_path / "b")
+    assert store.get("tiny-ppo@latest").short in page, page[-2000:]
