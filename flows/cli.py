@@ -197,7 +197,9 @@ def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str
             what = (f"{up} held-out RM reward {m['sft_reward_mean']:.3f} -> "
                     f"{m['reward_mean']:.3f}; {gold} gold accuracy {m['sft_gold_accuracy']:.3f} "
                     f"-> {m['gold_accuracy']:.3f}; KL {m['kl']:.3f} (target "
-                    f"{m['kl_target']:.1f})" + ("; REWARD HACKING" if m["reward_hacking"] else ""))
+                    f"{m['kl_target']:.1f})" + ("; REWARD HACKING" if m["reward_hacking"] else "")
+                    + ("; trained on the checker's reward" if m.get("reward_source") == "checker"
+                       else ""))
         else:
             what = f"{m.get('documents', '?')} documents, {m.get('chars', 0) / 1e6:.1f} MB of text"
         lines.append(f"  {stage:<9} {name}  {art.short}  {what}")

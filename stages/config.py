@@ -402,6 +402,11 @@ class PPOAlgoConfig(Strict):
     lam: float = Field(0.95, ge=0, le=1)
     whiten_advantages: bool = True
     reward_clip: float = Field(5.0, gt=0, description="Clip normalized RM scores.")
+    reward_source: Literal["rm", "checker"] = Field(
+        "rm", description="What PPO maximizes. rm: the reward model's normalized score (RLHF). "
+        "checker: +1 for an answer the task's checker accepts, -1 otherwise (verifiable "
+        "rewards; every prompt needs an answer). The RM scores every response either way, so "
+        "a checker run is also the control that tells a PPO problem from an RM one.")
 
 
 class PPODataConfig(Strict):

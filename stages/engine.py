@@ -311,12 +311,14 @@ def run(main) -> None:
     from stages.data import DataError
     try:
         main()
-    except (ConfigError, DataError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    except (ConfigError, DataError, ArtifactError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        # Every rank raised (on_rank0 delivers rank 0's error to all); a rank that exits with
+        # the process group alive aborts at interpreter exit and hides the exit code.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+            release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
+        sys.exit(3 if isinstance(e, FloatingPointError) else 2)
 
 
 def log(d: Dist, msg: str) -> None:

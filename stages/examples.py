@@ -86,10 +86,11 @@ def _record(where: str, row: dict, src: ExampleSource, kind: str) -> dict:
 
 def _kept(rec: dict, src: ExampleSource) -> bool:
     """The length and script filters of a source (most evals answers are a word or two)."""
-    answer = rec.get("completion", rec.get("chosen", ""))
-    text = rec["prompt"] + answer + rec.get("rejected", "")
-    return len(answer.strip()) >= src.min_chars and \
-        (src.max_chars is None or len(rec["prompt"]) + len(answer) <= src.max_chars) and \
+    answer = rec.get("completion", rec.get("chosen"))
+    text = rec["prompt"] + (answer or "") + rec.get("rejected", "")
+    # A prompt set has no answers: min_chars applies to sets that do.
+    return (answer is None or len(answer.strip()) >= src.min_chars) and \
+        (src.max_chars is None or len(rec["prompt"]) + len(answer or "") <= src.max_chars) and \
         (not src.ascii_only or text.isascii())
 
 

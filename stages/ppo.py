@@ -80,6 +80,11 @@ def check_prompts(recs: list[dict], tok, cfg: PPOConfig, where: str) -> None:
     if too_long:
         raise D.DataError(f"{where}: {too_long} of {len(recs)} prompts are longer than "
                           f"data.max_prompt_length={cfg.data.max_prompt_length} tokens")
+    unanswered = sum("answer" not in r for r in recs)
+    if cfg.ppo.reward_source == "checker" and unanswered:
+        raise D.DataError(f"{where}: ppo.reward_source=checker needs an answer for every prompt; "
+                          f"{unanswered} of {len(recs)} have none (use task sources, or "
+                          f"reward_source=rm)")
 
 
 class Critic(torch.nn.Module):
@@ -151,8 +156,12 @@ def rollout(actor, ref, critic, reward, tok, prompts: list[dict], cfg: PPOConfig
     values = critic(seq, attn, pos)[:, P - 1:-1] * mask
     texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, mask)]
     raw = score(reward, tok, prompts, texts, d)
-    norm = ((raw - stats["reward_mean"]) / stats["reward_std"]).clamp(-cfg.ppo.reward_clip,
-                                                                      cfg.ppo.reward_clip)
+    gold = [check(p["answer"], t) for p, t in zip(prompts, texts) if "answer" in p]
+    if cfg.ppo.reward_source == "checker":
+        norm = torch.tensor(gold, dtype=torch.float32, device=d.device) * 2 - 1
+    else:
+        norm = ((raw - stats["reward_mean"]) / stats["reward_std"]).clamp(-cfg.ppo.reward_clip,
+                                                                          cfg.ppo.reward_clip)
     norm = norm - cfg.rollout.missing_eos_penalty * (~ended).float()
     kl = L.kl_estimate(logp, ref_logp, cfg.kl.estimator) * mask
     exact_kl = (L.exact_kl(logits, ref_logits) * mask).sum(1)
@@ -160,7 +169,6 @@ def rollout(actor, ref, critic, reward, tok, prompts: list[dict], cfg: PPOConfig
     adv, returns = L.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
     if cfg.ppo.whiten_advantages:
         adv = L.whiten(adv, mask)
-    gold = [check(p["answer"], t) for p, t in zip(prompts, texts) if "answer" in p]
     return {"seq": seq, "attn": attn, "pos": pos, "resp": resp, "mask": mask, "P": P,
             "logp": logp, "values": values, "adv": adv, "returns": returns, "texts": texts,
             "raw": raw, "norm": norm, "kl": kl.sum(1), "exact_kl": exact_kl,
@@ -352,9 +360,11 @@ def main(argv: list[str] | None = None) -> None:
     if d.main:
         gained = last_eval["reward"] - baseline["reward"]
         gold_delta = last_eval["gold_accuracy"] - baseline["gold_accuracy"]
-        # The RM says better while the checker says worse: the policy is exploiting the RM.
-        hacking = bool(gained > 0 and gold_delta < 0)
+        # The RM says better while the checker says worse: the policy is exploiting the RM
+        # (only when the RM is what PPO maximizes).
+        hacking = bool(cfg.ppo.reward_source == "rm" and gained > 0 and gold_delta < 0)
         final = {"reward_mean": last_eval["reward"], "sft_reward_mean": baseline["reward"],
+                 "reward_source": cfg.ppo.reward_source,
                  "gold_accuracy": last_eval["gold_accuracy"],
                  "sft_gold_accuracy": baseline["gold_accuracy"], "kl": last_eval["kl"],
                  "kl_target": cfg.kl.target, "eos_rate": last_eval["eos_rate"],

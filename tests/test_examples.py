@@ -110,3 +110,16 @@ def test_near_misses_cover_several_kinds_and_are_always_wrong():
     larger = [e for e in exs if e["task"] == "larger"]
     made_up = [e for e in larger if e["wrong"] not in e["prompt"]]
     assert 0 < len(made_up) < len(larger)
+
+
+def test_open_prompt_set_from_files(tmp_path):
+    # Prompts have no answer, so the answer-length filter must not drop them (it once did all).
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Tell me about {w}."}) + "\n"
+                         for w in ("cats", "rain", "tea", "maps", "jazz", "rust")))
+    path = write_set(tmp_path, kind="prompts", train_examples=4, eval_examples=2,
+                     sources=[{"name": "f", "type": "files", "paths": [str(f)]}])
+    X.build(X.load_example_set(path), tmp_path / "out")
+    train, held = (X.read_jsonl(tmp_path / "out" / n) for n in ("train.jsonl", "eval.jsonl"))
+    assert len(train) == 4 and len(held) == 2
+    assert all("answer" not in r for r in train + held)

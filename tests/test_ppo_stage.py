@@ -81,13 +81,23 @@ def test_killed_ppo_resumes_to_the_same_rollouts(chain):
     ("data.max_prompt_length=125", "leaves no room for rollout.max_new_tokens=8"),
     ("data.max_prompt_length=12", "prompts are longer than data.max_prompt_length=12"),
     ("ppo.minibatch_size=3", "does not divide the 8 rollouts per rank"),
+    ("ppo.reward_source=checker data.prompts={tmp}/open.yaml",
+     "ppo.reward_source=checker needs an answer for every prompt; 4 of 4 have none"),
 ])
-def test_bad_input_fails_before_any_engine(chain, override, message):
+def test_bad_input_fails_before_any_engine(chain, override, message, tmp_path):
     root = chain[0]
     env = {**os.environ, "ALIGNFLOW_HOME": str(root / "home")}
+    # Open-ended prompts (no answer to check), for the checker reward's refusal.
+    (tmp_path / "open.jsonl").write_text("".join(
+        json.dumps({"prompt": p}) + "\n" for p in ("Tell me a story.", "Why is the sky blue?",
+                                                   "Name a color.", "Say hi.")))
+    (tmp_path / "open.yaml").write_text(
+        "name: open-prompts\nkind: prompts\ntrain_examples: 1\neval_examples: 3\nseed: 1\n"
+        f"sources:\n  - {{name: open, type: files, paths: [{tmp_path / 'open.jsonl'}]}}\n")
     out = subprocess.run([sys.executable, "-m", "stages.ppo", "--config",
                           str(REPO / "configs" / "tiny" / "ppo.yaml"),
-                          f"run.store={root / 'store'}", override], cwd=REPO, env=env,
+                          f"run.store={root / 'store'}",
+                          *override.format(tmp=tmp_path).split()], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "rollouts per rank per step" not in out.stderr   # no engine was built
