@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from flows.launch import leaked_shm
 from stages import lineage
 from stages.artifacts import ArtifactError, ArtifactStore, default_home, default_store_root
 from stages.config import ConfigError
@@ -88,6 +89,12 @@ def cmd_verify(store: ArtifactStore, args) -> int:
 def cmd_gc(store: ArtifactStore, args) -> int:
     removed = store.gc(older_than_s=args.older_than)
     print(f"removed {len(removed)} abandoned staging folder(s)")
+    leaked = leaked_shm(older_than_s=args.older_than)
+    freed = sum(f.stat().st_size for f in leaked)
+    for f in leaked:
+        f.unlink(missing_ok=True)
+    print(f"removed {len(leaked)} DeepSpeed shared-memory buffer(s) no process uses "
+          f"({freed / 2**20:.0f} MiB of RAM)")
     return 0
 
 
@@ -278,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "stages share this machine's accelerators)")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("gc", help="remove staging left behind by killed writers")
+    s = sub.add_parser("gc", help="remove staging left behind by killed writers, and DeepSpeed "
+                                  "shared-memory buffers of killed jobs")
     s.add_argument("--older-than", type=float, default=3600, metavar="SECONDS")
     s.set_defaults(func=cmd_gc)
     return p

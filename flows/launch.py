@@ -86,6 +86,26 @@ def release_shm(cmd: list[str]) -> None:
             f.unlink(missing_ok=True)
 
 
+def leaked_shm(shm: Path = Path("/dev/shm"), older_than_s: float = 3600,
+               min_age_s: float = 60) -> list[Path]:
+    """DeepSpeed CPU allreduce buffers that no live process maps or holds open: left by jobs
+    launched outside alignflow and killed (a rank's own cleanup never ran). When some process
+    cannot be inspected (another user's), only buffers older than `older_than_s` count; one
+    younger than `min_age_s` may be between its creation and its mapping, and never counts."""
+    files = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    in_use, blind = set(), False
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            held = proc.joinpath("maps").read_text() + "".join(
+                f"{os.readlink(fd)}\n" for fd in proc.joinpath("fd").iterdir())
+        except OSError:             # gone meanwhile, or not ours to read
+            blind = blind or proc.exists()
+            continue
+        in_use |= {f for f in files if str(f) in held}
+    cutoff = time.time() - (max(older_than_s, min_age_s) if blind else min_age_s)
+    return sorted(f for f in files - in_use if f.exists() and f.stat().st_mtime < cutoff)
+
+
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the launcher and every rank, then SIGKILL whatever is left after `grace`."""
     try:

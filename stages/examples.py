@@ -134,9 +134,12 @@ def source_examples(src: ExampleSource, kind: str, n_train: int, n_eval: int,
                     seed: int) -> tuple[list[dict], list[dict], dict]:
     """(train, eval, what was read) of one source; eval prompts never appear in train."""
     if src.type == "tasks":
-        held = tasks.generate(src.families, n_eval, seed=seed * 2 + 1, unique=True)
-        train = tasks.generate(src.families, n_train, seed=seed * 2,
-                               exclude={e["prompt"] for e in held})
+        try:
+            held = tasks.generate(src.families, n_eval, seed=seed * 2 + 1, unique=True)
+            train = tasks.generate(src.families, n_train, seed=seed * 2,
+                                   exclude={e["prompt"] for e in held})
+        except ValueError as e:
+            raise DataError(f"source {src.name}: {e}; ask for fewer eval_examples") from None
         return [_task_record(e, kind) for e in train], [_task_record(e, kind) for e in held], {}
     recs, info = records(src, kind, seed)
     # Held out by prompt (or by paragraph, for pairs that share one instruction).
@@ -195,7 +198,10 @@ def get_example_set(path: str | Path, store: ArtifactStore, log=print):
         return hit
     t0 = time.time()
     out = default_home() / "tmp" / f"examples-{key[:12]}"
-    stats = build(cfg, out)
+    try:
+        stats = build(cfg, out)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None     # name the YAML the bad source is in
     sources = [{"name": s.name, "domain": s.type, **({"paths": s.paths} if s.paths else {}),
                 **({"dataset": s.dataset} if s.dataset else {}),
                 **({"families": s.families} if s.families else {}), **_fingerprint(s),

@@ -109,8 +109,11 @@ def generate(families: list[str], n: int, seed: int, exclude: set[str] = frozens
         prompt, answer, wrong = make(family, rng)
         tries += 1
         if tries > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} examples of {families} outside the {len(exclude)} "
-                             f"excluded prompts")
+            what = "distinct prompts" if unique else "examples"
+            outside = f" outside the {len(exclude)} held-out ones" if exclude else ""
+            raise ValueError(f"cannot draw {n} {what} of {', '.join(families)}{outside}: the "
+                             f"families have too few different prompts (label has 144, add "
+                             f"200, sort 720)")
         if prompt in seen:
             continue
         if unique:

@@ -1,8 +1,10 @@
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from flows.cli import main
+from flows.launch import leaked_shm
 from tests.conftest import REPO
 
 
@@ -66,3 +68,20 @@ def test_run_rejects_bad_stage_overrides(tmp_path, capsys):
     code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
                        "--set", "pretrain:optim.lrr=1")
     assert code == 2 and "unknown field 'optim.lrr'" in err
+
+
+def test_gc_finds_deepspeed_buffers_no_process_uses(tmp_path):
+    # What a SIGKILLed CPU job leaves in /dev/shm: a buffer still mapped by a live rank must stay.
+    used, leaked = (tmp_path / f"deepspeed_allreduce_buffer_0_127.0.0.1_2950{i}_0" for i in (0, 1))
+    for f in (used, leaked):
+        f.write_bytes(b"\0" * 4096)
+    rank = subprocess.Popen([sys.executable, "-c", "import mmap, sys, time; f = open(sys.argv[1], "
+                             "'r+b'); m = mmap.mmap(f.fileno(), 0); f.close(); print(flush=True); "
+                             "time.sleep(60)", str(used)], stdout=subprocess.PIPE, text=True)
+    try:
+        rank.stdout.readline()           # mapped, and its file descriptor closed
+        assert leaked_shm(tmp_path, older_than_s=0, min_age_s=0) == [leaked]
+    finally:
+        rank.kill()
+        rank.wait()
+    assert leaked_shm(tmp_path, older_than_s=0, min_age_s=0) == [used, leaked]

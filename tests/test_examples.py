@@ -123,3 +123,11 @@ def test_open_prompt_set_from_files(tmp_path):
     train, held = (X.read_jsonl(tmp_path / "out" / n) for n in ("train.jsonl", "eval.jsonl"))
     assert len(train) == 4 and len(held) == 2
     assert all("answer" not in r for r in train + held)
+
+
+def test_more_held_out_prompts_than_a_family_has(tmp_path):
+    path = write_set(tmp_path, kind="prompts", eval_examples=200,
+                     sources=[{"name": "t", "type": "tasks", "families": ["label"]}])
+    with pytest.raises(DataError, match=r"set.yaml: source t: cannot draw 200 distinct prompts "
+                                        r"of label: .*label has 144.*fewer eval_examples"):
+        X.get_example_set(path, ArtifactStore(tmp_path / "store"))
