@@ -135,9 +135,9 @@ def source_examples(src: ExampleSource, kind: str, n_train: int, n_eval: int,
     """(train, eval, what was read) of one source; eval prompts never appear in train."""
     if src.type == "tasks":
         try:
-            held = tasks.generate(src.families, n_eval, seed=seed * 2 + 1, unique=True)
-            train = tasks.generate(src.families, n_train, seed=seed * 2,
-                                   exclude={e["prompt"] for e in held})
+            held = tasks.generate(src.families, n_eval, seed=seed * 2 + 1, held=True,
+                                  unique=True)
+            train = tasks.generate(src.families, n_train, seed=seed * 2)
         except ValueError as e:
             raise DataError(f"source {src.name}: {e}; ask for fewer eval_examples") from None
         return [_task_record(e, kind) for e in train], [_task_record(e, kind) for e in held], {}

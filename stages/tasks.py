@@ -9,6 +9,7 @@ format. Deterministic in the seed.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 
@@ -18,7 +19,16 @@ _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 # Chat-moderation labels decided by a word list: the rule is the ground truth.
 _RUDE = ("stupid", "idiot", "shut up", "hate you", "useless", "dumb")
 _KIND = ("thanks", "great job", "well done", "nice idea", "good morning", "see you")
-_FILL = ("the meeting", "your code", "this plan", "the report", "that song", "the game")
+_FILL = ("the meeting", "your code", "this plan", "the report", "that song", "the game",
+         "the movie", "your email", "the update", "her answer", "the design", "my draft",
+         "the trip", "this idea", "the lecture", "your slides", "the recipe", "his joke",
+         "the review", "our demo", "the budget", "the test", "this essay", "the match",
+         "your photo")
+# A quarter of every family's prompts is held out, chosen by a hash of the prompt's text: the
+# same prompts for every example set, so no stage is measured on prompts an earlier stage
+# trained on (with per-set splits, 43 of the 50 held-out PPO sort prompts were SFT training
+# prompts: sort has only 720 different ones).
+HELD_OUT_SHARE = 0.25
 
 
 def make(family: str, rng: random.Random) -> tuple[str, str, str]:
@@ -98,23 +108,27 @@ def near_miss(family: str, prompt: str, answer: str) -> str:
     raise ValueError(f"unknown task family {family!r}; allowed: {', '.join(FAMILIES)}")
 
 
-def generate(families: list[str], n: int, seed: int, exclude: set[str] = frozenset(),
+def held_out(prompt: str) -> bool:
+    """Whether `prompt` is in the held-out part of its family, for every set alike."""
+    return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) < HELD_OUT_SHARE * 2**32
+
+
+def generate(families: list[str], n: int, seed: int, held: bool = False,
              unique: bool = False) -> list[dict]:
-    """n examples spread evenly over families, none whose prompt is in `exclude`; with
-    `unique`, no prompt twice (held-out sets)."""
+    """n examples spread evenly over families, from the held-out part of the prompt space or
+    from the training part; with `unique`, no prompt twice (held-out sets)."""
     rng = random.Random(f"tasks:{seed}")
-    out, seen, tries = [], set(exclude), 0
+    out, seen, tries = [], set(), 0
     while len(out) < n:
         family = families[len(out) % len(families)]
         prompt, answer, wrong = make(family, rng)
         tries += 1
         if tries > 100 * n + 1000:
-            what = "distinct prompts" if unique else "examples"
-            outside = f" outside the {len(exclude)} held-out ones" if exclude else ""
-            raise ValueError(f"cannot draw {n} {what} of {', '.join(families)}{outside}: the "
-                             f"families have too few different prompts (label has 144, add "
-                             f"200, sort 720)")
-        if prompt in seen:
+            what = "distinct held-out prompts" if unique else "examples"
+            raise ValueError(f"cannot draw {n} {what} of {', '.join(families)}: the families "
+                             f"have too few different prompts (held out: label 153, add 52, "
+                             f"sort 177)")
+        if held_out(prompt) != held or prompt in seen:
             continue
         if unique:
             seen.add(prompt)

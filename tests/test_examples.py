@@ -36,10 +36,15 @@ def test_checker():
 
 
 def test_eval_prompts_never_in_training():
-    held = tasks.generate(["add", "reverse"], 30, seed=1, unique=True)
-    train = tasks.generate(["add", "reverse"], 500, seed=0, exclude={e["prompt"] for e in held})
+    held = tasks.generate(["add", "reverse"], 30, seed=1, held=True, unique=True)
     assert len({e["prompt"] for e in held}) == 30
-    assert not {e["prompt"] for e in held} & {e["prompt"] for e in train}
+    # The split is a property of the prompt, the same for every set and seed: what one stage
+    # holds out no other stage trains on.
+    for seed in (0, 5):
+        train = tasks.generate(["add", "reverse"], 500, seed=seed)
+        assert not {e["prompt"] for e in held} & {e["prompt"] for e in train}
+    share = sum(map(tasks.held_out, (f"What is {a} + {b}?" for a in range(20) for b in range(10))))
+    assert share == 52          # of add's 200 prompts; HELD_OUT_SHARE 0.25
 
 
 def write_set(tmp_path, **kw):
@@ -128,6 +133,6 @@ def test_open_prompt_set_from_files(tmp_path):
 def test_more_held_out_prompts_than_a_family_has(tmp_path):
     path = write_set(tmp_path, kind="prompts", eval_examples=200,
                      sources=[{"name": "t", "type": "tasks", "families": ["label"]}])
-    with pytest.raises(DataError, match=r"set.yaml: source t: cannot draw 200 distinct prompts "
-                                        r"of label: .*label has 144.*fewer eval_examples"):
+    with pytest.raises(DataError, match=r"set.yaml: source t: cannot draw 200 distinct held-out "
+                                        r"prompts of label: .*label 153.*fewer eval_examples"):
         X.get_example_set(path, ArtifactStore(tmp_path / "store"))
