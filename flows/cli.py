@@ -12,6 +12,7 @@ from flows.launch import leaked_shm
 from stages import lineage
 from stages.artifacts import ArtifactError, ArtifactStore, default_home, default_store_root
 from stages.config import ConfigError
+from stages.tasks import accuracy_change
 
 
 def _fmt_metrics(metrics: dict, keys=lineage.KEY_METRICS, limit: int = 4) -> str:
@@ -175,6 +176,26 @@ def cmd_server(store: ArtifactStore, args) -> int:
     os.execv(exe, [exe, "server", "start", "--host", args.host, "--port", str(args.port)])
 
 
+def _ppo_summary(m: dict) -> str:
+    """PPO against SFT on held-out prompts: responses sampled as in training (what PPO
+    optimizes) and greedy ones (their mode); a gold change within the noise is called so."""
+    parts = []
+    for mode, r, g, n in ((f"sampled at T {m.get('sampling_temperature', 1.0):g}",
+                           "sampled_reward", "sampled_gold_accuracy", "sampled_gold_n"),
+                          ("greedy", "reward_mean", "gold_accuracy", "gold_n")):
+        if g not in m or f"sft_{g}" not in m:
+            continue
+        sft_r = m["sft_reward_mean"] if r == "reward_mean" else m[f"sft_{r}"]
+        delta, real = accuracy_change(m[f"sft_{g}"], m[g], m.get(n, 0))
+        verdict = ("raised" if delta > 0 else "LOWER") if real else "within noise"
+        parts.append(f"{mode}: RM reward {sft_r:.3f} -> {m[r]:.3f}, gold accuracy "
+                     f"{m[f'sft_{g}']:.3f} -> {m[g]:.3f} ({verdict})")
+    return ("; ".join(parts) + f"; KL {m['kl']:.3f} (target {m['kl_target']:.1f})"
+            + ("; REWARD HACKING" if m["reward_hacking"] else "")
+            + ("; trained on the checker's reward" if m.get("reward_source") == "checker"
+               else ""))
+
+
 def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str:
     lines = ["", f"alignflow pipeline finished in {seconds / 60:.1f} min; store {store.root}", ""]
     for stage, digest in result.items():
@@ -199,14 +220,7 @@ def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str
             what = (f"held-out pairwise accuracy {m['pairwise_accuracy']:.3f} ({verdict} the "
                     f"0.85 target); rewards {m['reward_mean']:.2f} +- {m['reward_std']:.2f}")
         elif stage == "ppo":
-            up = "raises" if m["reward_mean"] > m["sft_reward_mean"] else "does NOT raise"
-            gold = "raises" if m["gold_accuracy"] > m["sft_gold_accuracy"] else "does NOT raise"
-            what = (f"{up} held-out RM reward {m['sft_reward_mean']:.3f} -> "
-                    f"{m['reward_mean']:.3f}; {gold} gold accuracy {m['sft_gold_accuracy']:.3f} "
-                    f"-> {m['gold_accuracy']:.3f}; KL {m['kl']:.3f} (target "
-                    f"{m['kl_target']:.1f})" + ("; REWARD HACKING" if m["reward_hacking"] else "")
-                    + ("; trained on the checker's reward" if m.get("reward_source") == "checker"
-                       else ""))
+            what = _ppo_summary(m)
         else:
             what = f"{m.get('documents', '?')} documents, {m.get('chars', 0) / 1e6:.1f} MB of text"
         lines.append(f"  {stage:<9} {name}  {art.short}  {what}")

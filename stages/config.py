@@ -413,6 +413,10 @@ class PPODataConfig(Strict):
     prompts: str = Field(description="Prompt dataset YAML.")
     max_prompt_length: int = Field(128, gt=0)
     eval_prompts: int = Field(128, gt=0)
+    eval_samples: int = Field(
+        4, ge=0, description="Sampled responses per held-out prompt at the rollout temperature, "
+        "besides the greedy one: PPO optimizes the sampled policy, a greedy user sees its mode; "
+        "the two can move apart, so both are reported.")
 
 
 class PPOConfig(Strict):

@@ -13,8 +13,8 @@ step:   sample responses (temperature, top-k, top-p), cut after EOS, penalize re
         EOS; RM score at the last token, normalized with the RM's statistics and clipped;
         per-token KL penalty against the reference (k1 or k3), fixed or adaptive beta; GAE and
         whitened advantages; several epochs of clipped policy and value updates.
-save:   held-out greedy evaluation of SFT and PPO (RM reward, gold accuracy, KL), reward-hacking
-        check, the actor as an HF causal LM whose manifest names both parents.
+save:   held-out evaluation of SFT and PPO, greedy and sampled (RM reward, gold accuracy, KL),
+        reward-hacking check, the actor as an HF causal LM whose manifest names both parents.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from stages.artifacts import ArtifactStore, input_key
 from stages.config import ConfigError, PPOConfig, TrainConfig, parse_stage_args, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
 from stages.model import chat_prompt, load_tokenizer, parent_model
-from stages.tasks import check
+from stages.tasks import accuracy_change, check
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -239,14 +239,65 @@ def evaluate(actor, ref, critic, reward, tok, prompts, cfg, kl_ctl, stats, d) ->
     # Per family, because a policy may gain on one family while exploiting the RM on another.
     m = mean_all({"reward": float(np.mean(raw)), "gold_accuracy": float(np.mean(gold)) if gold
                   else float("nan"), "kl": float(np.mean(kl)), "eos_rate": float(np.mean(ended)),
-                  **{k: float(np.mean(v)) for k, v in by_task.items()}}, d)
+                  **{k: float(np.mean(v)) for k, v in by_task.items()}, "gold_n": len(gold),
+                  **sampled_eval(actor, ref, critic, reward, tok, mine, cfg, kl_ctl, stats, d)}, d)
+    for k in ("gold_n", "sampled_gold_n"):      # counts over all ranks, not means
+        if k in m:
+            m[k] = round(m[k] * d.world)
     m["samples"] = samples[:8]
     return m
 
 
+def sampled_eval(actor, ref, critic, reward, tok, mine, cfg, kl_ctl, stats, d) -> dict:
+    """RM reward and gold accuracy of responses sampled as in rollouts, on held-out prompts. The
+    seed is fixed and the training RNG left untouched, so every evaluation draws alike and a
+    resumed run continues exactly."""
+    if not cfg.data.eval_samples:
+        return {}
+    reps = [p for p in mine for _ in range(cfg.data.eval_samples)]
+    raw, gold = [], []
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        torch.manual_seed(cfg.run.seed * 1000 + d.rank)
+        for i in range(0, len(reps), cfg.train.micro_batch_size):
+            b = rollout(actor, ref, critic, reward, tok, reps[i:i + cfg.train.micro_batch_size],
+                        cfg, kl_ctl, stats, d)
+            raw += b["raw"].tolist()
+            gold += b["gold"]
+    return {"sampled_reward": float(np.mean(raw)),
+            **({"sampled_gold_accuracy": float(np.mean(gold)), "sampled_gold_n": len(gold)}
+               if gold else {})}
+
+
+def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
+    """(responses, RM reward gain, gold accuracy change) where the RM says better while the
+    checker says worse by more than the noise of the measurement: the policy is exploiting the
+    reward model. Greedy and sampled responses apart, because a policy can keep its greedy
+    answers and hack in the samples, or the reverse."""
+    out = []
+    for mode, r, g, n in (("greedy", "reward", "gold_accuracy", "gold_n"),
+                          ("sampled", "sampled_reward", "sampled_gold_accuracy",
+                           "sampled_gold_n")):
+        if not all(k in m for k in (r, g) for m in (before, after)):
+            continue
+        gold, real = accuracy_change(before[g], after[g], after.get(n, 0))
+        if after[r] > before[r] and gold < 0 and real:
+            out.append((mode, after[r] - before[r], gold))
+    return out
+
+
 def by_family(m: dict) -> str:
     return " ".join(f"{k[5:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("gold_")
-                    and k != "gold_accuracy")
+                    and k not in ("gold_accuracy", "gold_n"))
+
+
+def sampled(m: dict, before: dict | None = None) -> str:
+    if "sampled_reward" not in m:
+        return ""
+    pairs = [(k, m[k], before[k] if before else None) for k in ("sampled_reward",
+             "sampled_gold_accuracy") if k in m]
+    return "; sampled: " + ", ".join(
+        f"{k[8:].replace('_', ' ')} " + (f"{b:.3f} -> " if b is not None else "") + f"{v:.3f}"
+        for k, v, b in pairs)
 
 
 # --- the stage ----------------------------------------------------------------------------
@@ -303,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         if start == 0 else None
     if baseline and d.main:
         E.log(d, f"SFT on held-out prompts: reward {baseline['reward']:.3f}, gold accuracy "
-                 f"{baseline['gold_accuracy']:.3f} ({by_family(baseline)})")
+                 f"{baseline['gold_accuracy']:.3f} ({by_family(baseline)}){sampled(baseline)}")
         (work / "baseline.json").write_text(json.dumps(baseline, indent=2))
     if baseline is None:
         baseline = json.loads((work / "baseline.json").read_text())
@@ -358,23 +409,26 @@ def main(argv: list[str] | None = None) -> None:
     export = work / "export"
     E.save_hf(actor, tok, export, d)
     if d.main:
-        gained = last_eval["reward"] - baseline["reward"]
-        gold_delta = last_eval["gold_accuracy"] - baseline["gold_accuracy"]
-        # The RM says better while the checker says worse: the policy is exploiting the RM
-        # (only when the RM is what PPO maximizes).
-        hacking = bool(cfg.ppo.reward_source == "rm" and gained > 0 and gold_delta < 0)
+        # Only when the RM is what PPO maximizes can the policy exploit it.
+        hacked = reward_hacking(baseline, last_eval) if cfg.ppo.reward_source == "rm" else []
+        hacking = bool(hacked)
         final = {"reward_mean": last_eval["reward"], "sft_reward_mean": baseline["reward"],
                  "reward_source": cfg.ppo.reward_source,
                  "gold_accuracy": last_eval["gold_accuracy"],
                  "sft_gold_accuracy": baseline["gold_accuracy"], "kl": last_eval["kl"],
                  "kl_target": cfg.kl.target, "eos_rate": last_eval["eos_rate"],
                  "reward_hacking": hacking, "final_beta": kl_ctl.beta,
+                 **{k: last_eval[k] for k in ("sampled_reward", "sampled_gold_accuracy",
+                                              "gold_n", "sampled_gold_n") if k in last_eval},
+                 "sampling_temperature": cfg.rollout.temperature,
+                 **{f"sft_{k}": baseline[k] for k in ("sampled_reward", "sampled_gold_accuracy")
+                    if k in baseline},
                  **{k: v for k, v in last_eval.items() if k.startswith("gold_") and k != "gold_accuracy"},
                  **{f"sft_{k}": v for k, v in baseline.items() if k.startswith("gold_")
                     and k != "gold_accuracy"}}
-        if hacking:
-            E.log(d, f"WARNING: reward hacking: RM reward rose by {gained:.3f} while gold "
-                     f"accuracy fell by {-gold_delta:.3f}")
+        for mode, gained, gold_delta in hacked:
+            E.log(d, f"WARNING: reward hacking ({mode} responses): RM reward rose by "
+                     f"{gained:.3f} while gold accuracy fell by {-gold_delta:.3f}")
         (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
         (export / "samples.json").write_text(json.dumps(last_eval["samples"], indent=2))
         plots.curves(export / "train_log.jsonl", export / "curves.png", f"ppo {cfg.run.name}")
@@ -388,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
         E.log(d, f"held-out: reward {baseline['reward']:.3f} (SFT) -> {last_eval['reward']:.3f}, "
                  f"gold accuracy {baseline['gold_accuracy']:.3f} -> "
-                 f"{last_eval['gold_accuracy']:.3f} ({by_family(last_eval)}), KL {last_eval['kl']:.3f}")
+                 f"{last_eval['gold_accuracy']:.3f} ({by_family(last_eval)}), KL {last_eval['kl']:.3f}"
+                 f"{sampled(last_eval, baseline)}")
         E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
         print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
     metrics.close()

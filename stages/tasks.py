@@ -10,6 +10,7 @@ format. Deterministic in the seed.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import re
 
@@ -31,10 +32,12 @@ _FILL = ("the meeting", "your code", "this plan", "the report", "that song", "th
 HELD_OUT_SHARE = 0.25
 
 
-def make(family: str, rng: random.Random) -> tuple[str, str, str]:
-    """One example of `family`: (prompt, answer, wrong answer)."""
+def make(family: str, rng: random.Random, wrong_rng: random.Random | None = None
+         ) -> tuple[str, str, str]:
+    """One example of `family`: (prompt, answer, wrong answer). The wrong answer comes from its
+    own stream, so the prompts and answers of a seed do not depend on how negatives are drawn."""
     prompt, answer = _draw(family, rng)
-    return prompt, answer, near_miss(family, prompt, answer)
+    return prompt, answer, near_miss(family, prompt, answer, wrong_rng or random.Random(prompt))
 
 
 def _draw(family: str, rng: random.Random) -> tuple[str, str]:
@@ -63,12 +66,12 @@ def _draw(family: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown task family {family!r}; allowed: {', '.join(FAMILIES)}")
 
 
-def near_miss(family: str, prompt: str, answer: str) -> str:
+def near_miss(family: str, prompt: str, answer: str, rng: random.Random) -> str:
     """A wrong answer of one of the kinds a policy produces. A reward model trained on only one
     kind is exploited through the others: with swapped pairs alone as negatives for `sort`, PPO
-    learned ascending lists of the wrong numbers. Seeded by the prompt, so prompts and answers
-    do not depend on it."""
-    rng = random.Random(f"near-miss:{prompt}")
+    learned ascending lists of the wrong numbers. Drawn afresh each time a prompt recurs: when
+    it was fixed per prompt, the RM saw one negative for each of the 540 training sort prompts
+    and PPO found the digit substitutions it had never been shown."""
     kind = rng.randrange(3)
     if family == "larger":
         a, b = (int(x) for x in re.findall(r"\d+", prompt))
@@ -117,11 +120,11 @@ def generate(families: list[str], n: int, seed: int, held: bool = False,
              unique: bool = False) -> list[dict]:
     """n examples spread evenly over families, from the held-out part of the prompt space or
     from the training part; with `unique`, no prompt twice (held-out sets)."""
-    rng = random.Random(f"tasks:{seed}")
+    rng, wrong_rng = random.Random(f"tasks:{seed}"), random.Random(f"near-miss:{seed}")
     out, seen, tries = [], set(), 0
     while len(out) < n:
         family = families[len(out) % len(families)]
-        prompt, answer, wrong = make(family, rng)
+        prompt, answer, wrong = make(family, rng, wrong_rng)
         tries += 1
         if tries > 100 * n + 1000:
             what = "distinct held-out prompts" if unique else "examples"
@@ -144,3 +147,11 @@ def extract_answer(response: str) -> str:
 
 def check(answer: str, response: str) -> bool:
     return extract_answer(response) == answer
+
+
+def accuracy_change(before: float, after: float, n: int) -> tuple[float, bool]:
+    """(change, whether it exceeds the noise) of a gold accuracy measured twice on n checks: two
+    standard errors of the difference. On 150 held-out prompts a change of 2 prompts (0.013)
+    is noise, and calling it a gain or a hack would be reading tea leaves."""
+    se = math.sqrt((before * (1 - before) + after * (1 - after)) / max(n, 1))
+    return after - before, abs(after - before) > 2 * se

@@ -117,6 +117,24 @@ def test_near_misses_cover_several_kinds_and_are_always_wrong():
     assert 0 < len(made_up) < len(larger)
 
 
+def test_a_recurring_prompt_gets_different_negatives():
+    # With one fixed negative per prompt the RM saw 540 sort pairs in all, and PPO found the
+    # digit substitutions it was never shown.
+    exs = tasks.generate(["sort"], 2000, seed=3)
+    wrongs = {}
+    for e in exs:
+        wrongs.setdefault(e["prompt"], set()).add(e["wrong"])
+    recurring = [w for w in wrongs.values() if len(w) > 1]
+    assert len(recurring) > 0.8 * len(wrongs)
+
+
+def test_accuracy_change_tells_noise_from_change():
+    assert tasks.accuracy_change(0.847, 0.833, 150) == (pytest.approx(-0.014), False)
+    assert tasks.accuracy_change(0.377, 0.570, 600) == (pytest.approx(0.193), True)
+    assert tasks.accuracy_change(0.5, 0.5, 10)[1] is False
+    assert tasks.accuracy_change(0.0, 1.0, 1)[1] is True       # no spread: any change is real
+
+
 def test_open_prompt_set_from_files(tmp_path):
     # Prompts have no answer, so the answer-length filter must not drop them (it once did all).
     f = tmp_path / "p.jsonl"

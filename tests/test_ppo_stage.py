@@ -9,6 +9,7 @@ import time
 import pytest
 
 from flows.launch import build_command, release_shm
+from stages.ppo import reward_hacking
 from tests.conftest import REPO, launch_stage
 
 STEPS = ["train.max_steps=4", "checkpoint.every_steps=2", "train.eval_every=100"]
@@ -27,8 +28,11 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
     assert store.get(roles["prompts"]).manifest["name"] == "tiny-prompts"
     m = art.manifest["metrics"]
     for k in ("reward_mean", "sft_reward_mean", "gold_accuracy", "sft_gold_accuracy", "kl",
-              "reward_hacking", "final_beta"):
+              "reward_hacking", "final_beta", "sampled_reward", "sft_sampled_reward",
+              "sampled_gold_accuracy", "sft_sampled_gold_accuracy"):
         assert k in m, k
+    assert 0 <= m["sampled_gold_accuracy"] <= 1
+    assert m["gold_n"] == 16 and m["sampled_gold_n"] == 16 * 4     # eval prompts x samples
     assert m["kl"] >= 0                       # exact KL on greedy evaluation
     log_rows = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text()
                 .splitlines()]
@@ -45,6 +49,25 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
                           "print(type(A.from_pretrained(sys.argv[1])).__name__)",
                           str(art.local_path())], capture_output=True, text=True, timeout=300)
     assert "LlamaForCausalLM" in out.stdout, out.stderr[-2000:]
+
+
+def test_reward_hacking_is_told_apart_for_greedy_and_sampled_responses():
+    sft = {"reward": 1.0, "gold_accuracy": 0.8, "sampled_reward": 0.5,
+           "sampled_gold_accuracy": 0.4}
+    n = {"gold_n": 150, "sampled_gold_n": 600}
+    honest = {"reward": 1.2, "gold_accuracy": 0.85, "sampled_reward": 0.9,
+              "sampled_gold_accuracy": 0.6, **n}
+    assert reward_hacking(sft, honest) == []
+    sampled_only = {**honest, "sampled_gold_accuracy": 0.3}
+    [(mode, gain, gold)] = reward_hacking(sft, sampled_only)
+    assert mode == "sampled" and gain == pytest.approx(0.4) and gold == pytest.approx(-0.1)
+    both = {"reward": 1.5, "gold_accuracy": 0.6, "sampled_reward": 0.6,
+            "sampled_gold_accuracy": 0.2, **n}
+    assert [h[0] for h in reward_hacking(sft, both)] == ["greedy", "sampled"]
+    # Two of 150 prompts lost is within the noise (2 SE = 0.09 here): no verdict.
+    assert reward_hacking(sft, {**honest, "gold_accuracy": 0.787}) == []
+    # Reward down and gold down is a worse policy, not hacking; no sampled figures, no verdict.
+    assert reward_hacking(sft, {"reward": 0.9, "gold_accuracy": 0.5, "gold_n": 150}) == []
 
 
 def test_killed_ppo_resumes_to_the_same_rollouts(chain):
