@@ -181,8 +181,8 @@ def _ppo_summary(m: dict) -> str:
     optimizes) and greedy ones (their mode); a gold change within the noise is called so."""
     parts = []
     for mode, r, g, n in ((f"sampled at T {m.get('sampling_temperature', 1.0):g}",
-                           "sampled_reward", "sampled_gold_accuracy", "sampled_gold_n"),
-                          ("greedy", "reward_mean", "gold_accuracy", "gold_n")):
+                           "sampled_reward", "sampled_gold_accuracy", "n_sampled_gold"),
+                          ("greedy", "reward_mean", "gold_accuracy", "n_gold")):
         if g not in m or f"sft_{g}" not in m:
             continue
         sft_r = m["sft_reward_mean"] if r == "reward_mean" else m[f"sft_{r}"]

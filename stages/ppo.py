@@ -239,9 +239,9 @@ def evaluate(actor, ref, critic, reward, tok, prompts, cfg, kl_ctl, stats, d) ->
     # Per family, because a policy may gain on one family while exploiting the RM on another.
     m = mean_all({"reward": float(np.mean(raw)), "gold_accuracy": float(np.mean(gold)) if gold
                   else float("nan"), "kl": float(np.mean(kl)), "eos_rate": float(np.mean(ended)),
-                  **{k: float(np.mean(v)) for k, v in by_task.items()}, "gold_n": len(gold),
+                  **{k: float(np.mean(v)) for k, v in by_task.items()}, "n_gold": len(gold),
                   **sampled_eval(actor, ref, critic, reward, tok, mine, cfg, kl_ctl, stats, d)}, d)
-    for k in ("gold_n", "sampled_gold_n"):      # counts over all ranks, not means
+    for k in ("n_gold", "n_sampled_gold"):      # counts over all ranks, not means
         if k in m:
             m[k] = round(m[k] * d.world)
     m["samples"] = samples[:8]
@@ -264,8 +264,8 @@ def sampled_eval(actor, ref, critic, reward, tok, mine, cfg, kl_ctl, stats, d) -
             raw += b["raw"].tolist()
             gold += b["gold"]
     return {"sampled_reward": float(np.mean(raw)),
-            **({"sampled_gold_accuracy": float(np.mean(gold)), "sampled_gold_n": len(gold)}
-               if gold else {})}
+            **({"sampled_gold_accuracy": float(np.mean(gold)),
+                "n_sampled_gold": len(gold)} if gold else {})}
 
 
 def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
@@ -274,9 +274,9 @@ def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
     reward model. Greedy and sampled responses apart, because a policy can keep its greedy
     answers and hack in the samples, or the reverse."""
     out = []
-    for mode, r, g, n in (("greedy", "reward", "gold_accuracy", "gold_n"),
+    for mode, r, g, n in (("greedy", "reward", "gold_accuracy", "n_gold"),
                           ("sampled", "sampled_reward", "sampled_gold_accuracy",
-                           "sampled_gold_n")):
+                           "n_sampled_gold")):
         if not all(k in m for k in (r, g) for m in (before, after)):
             continue
         gold, real = accuracy_change(before[g], after[g], after.get(n, 0))
@@ -287,7 +287,7 @@ def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
 
 def by_family(m: dict) -> str:
     return " ".join(f"{k[5:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("gold_")
-                    and k not in ("gold_accuracy", "gold_n"))
+                    and k != "gold_accuracy")
 
 
 def sampled(m: dict, before: dict | None = None) -> str:
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
                  "kl_target": cfg.kl.target, "eos_rate": last_eval["eos_rate"],
                  "reward_hacking": hacking, "final_beta": kl_ctl.beta,
                  **{k: last_eval[k] for k in ("sampled_reward", "sampled_gold_accuracy",
-                                              "gold_n", "sampled_gold_n") if k in last_eval},
+                                              "n_gold", "n_sampled_gold") if k in last_eval},
                  "sampling_temperature": cfg.rollout.temperature,
                  **{f"sft_{k}": baseline[k] for k in ("sampled_reward", "sampled_gold_accuracy")
                     if k in baseline},

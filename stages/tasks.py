@@ -32,12 +32,11 @@ _FILL = ("the meeting", "your code", "this plan", "the report", "that song", "th
 HELD_OUT_SHARE = 0.25
 
 
-def make(family: str, rng: random.Random, wrong_rng: random.Random | None = None
-         ) -> tuple[str, str, str]:
+def make(family: str, rng: random.Random, wrong_rng: random.Random) -> tuple[str, str, str]:
     """One example of `family`: (prompt, answer, wrong answer). The wrong answer comes from its
     own stream, so the prompts and answers of a seed do not depend on how negatives are drawn."""
     prompt, answer = _draw(family, rng)
-    return prompt, answer, near_miss(family, prompt, answer, wrong_rng or random.Random(prompt))
+    return prompt, answer, near_miss(family, prompt, answer, wrong_rng)
 
 
 def _draw(family: str, rng: random.Random) -> tuple[str, str]:

@@ -90,9 +90,9 @@ def test_gc_finds_deepspeed_buffers_no_process_uses(tmp_path):
 
 def test_ppo_summary_calls_changes_within_noise_so():
     m = {"sampled_reward": 2.153, "sft_sampled_reward": 0.508, "sampled_gold_accuracy": 0.728,
-         "sft_sampled_gold_accuracy": 0.498, "sampled_gold_n": 600, "reward_mean": 2.803,
+         "sft_sampled_gold_accuracy": 0.498, "n_sampled_gold": 600, "reward_mean": 2.803,
          "sft_reward_mean": 2.494, "gold_accuracy": 0.833, "sft_gold_accuracy": 0.847,
-         "gold_n": 150, "kl": 0.666, "kl_target": 2.0, "reward_hacking": False,
+         "n_gold": 150, "kl": 0.666, "kl_target": 2.0, "reward_hacking": False,
          "sampling_temperature": 0.7}
     line = cli._ppo_summary(m)
     assert "sampled at T 0.7: RM reward 0.508 -> 2.153, gold accuracy 0.498 -> 0.728 (raised)" \

@@ -32,7 +32,7 @@ def test_checker():
     assert tasks.check("52", " 52\nmore text") and tasks.check("52", "52.")
     assert not tasks.check("52", "37") and not tasks.check("2 7 9", "2 9 7")
     with pytest.raises(ValueError, match="unknown task family"):
-        tasks.make("chess", __import__("random").Random(0))
+        tasks.make("chess", __import__("random").Random(0), __import__("random").Random(1))
 
 
 def test_eval_prompts_never_in_training():

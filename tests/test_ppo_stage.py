@@ -32,7 +32,7 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
               "sampled_gold_accuracy", "sft_sampled_gold_accuracy"):
         assert k in m, k
     assert 0 <= m["sampled_gold_accuracy"] <= 1
-    assert m["gold_n"] == 16 and m["sampled_gold_n"] == 16 * 4     # eval prompts x samples
+    assert m["n_gold"] == 16 and m["n_sampled_gold"] == 16 * 4     # eval prompts x samples
     assert m["kl"] >= 0                       # exact KL on greedy evaluation
     log_rows = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text()
                 .splitlines()]
@@ -54,7 +54,7 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
 def test_reward_hacking_is_told_apart_for_greedy_and_sampled_responses():
     sft = {"reward": 1.0, "gold_accuracy": 0.8, "sampled_reward": 0.5,
            "sampled_gold_accuracy": 0.4}
-    n = {"gold_n": 150, "sampled_gold_n": 600}
+    n = {"n_gold": 150, "n_sampled_gold": 600}
     honest = {"reward": 1.2, "gold_accuracy": 0.85, "sampled_reward": 0.9,
               "sampled_gold_accuracy": 0.6, **n}
     assert reward_hacking(sft, honest) == []
@@ -67,7 +67,7 @@ def test_reward_hacking_is_told_apart_for_greedy_and_sampled_responses():
     # Two of 150 prompts lost is within the noise (2 SE = 0.09 here): no verdict.
     assert reward_hacking(sft, {**honest, "gold_accuracy": 0.787}) == []
     # Reward down and gold down is a worse policy, not hacking; no sampled figures, no verdict.
-    assert reward_hacking(sft, {"reward": 0.9, "gold_accuracy": 0.5, "gold_n": 150}) == []
+    assert reward_hacking(sft, {"reward": 0.9, "gold_accuracy": 0.5, "n_gold": 150}) == []
 
 
 def test_killed_ppo_resumes_to_the_same_rollouts(chain):
