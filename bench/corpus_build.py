@@ -10,7 +10,6 @@ produced and writes bench/results/corpus_build-<device>.json. A script, not a te
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,8 +35,8 @@ def main() -> None:
         t0 = time.time()
         art = build_corpus(args.recipe, ArtifactStore(str(root / label)), force=True,
                            log=lambda *a: None)
-        runs[label] = {"seconds": time.time() - t0, "chars": art.manifest["metrics"]["chars"],
-                       "documents": art.manifest["metrics"]["documents"], "digest": art.digest}
+        runs[label] = {"seconds": time.time() - t0, "chars": art.manifest["metrics"]["data/chars"],
+                       "documents": art.manifest["metrics"]["data/documents"], "digest": art.digest}
     from common import machine_info, save
     result = {"benchmark": "corpus_build", "recipe": args.recipe, **runs,
               "same_digest": runs["cold"]["digest"] == runs["warm"]["digest"],

@@ -14,7 +14,6 @@ and writes bench/results/pipeline_overhead-<preset>-<device>.json. A script, not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -104,7 +104,7 @@ def main() -> None:
         sys.exit(f"stage failed with exit code {code}")
     (metrics_file,) = work.glob("*/metrics.jsonl")
     stage_rows = [json.loads(l) for l in metrics_file.read_text().splitlines()]
-    stage_steps = [r["step_s"] for r in stage_rows][args.skip:]
+    stage_steps = [r["perf/step_s"] for r in stage_rows][args.skip:]
 
     t0 = time.time()
     bare = subprocess.run([sys.executable, "-c", BARE, str(REPO / args.config),

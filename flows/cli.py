@@ -8,15 +8,16 @@ import os
 import sys
 import time
 
-from flows.launch import leaked_shm
 from stages import lineage
 from stages.artifacts import ArtifactError, ArtifactStore, default_home, default_store_root
-from stages.config import ConfigError
-from stages.tasks import accuracy_change
+from stages.config import STAGES, ConfigError
+from stages.metrics import KEY_METRICS, canonical, headline_of
+from stages.proc import leaked_shm
 
 
-def _fmt_metrics(metrics: dict, keys=lineage.KEY_METRICS, limit: int = 4) -> str:
-    picked = [(k, metrics[k]) for k in keys if k in metrics][:limit]
+def _fmt_metrics(manifest: dict, limit: int = 4) -> str:
+    metrics = canonical(manifest.get("metrics", {}), manifest.get("stage"))
+    picked = [(k, metrics[k]) for k in KEY_METRICS if k in metrics][:limit]
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in picked)
 
 
@@ -46,14 +47,17 @@ def cmd_models(store: ArtifactStore, args) -> int:
     for v in history:
         art = store.get(v.digest, verify=False)
         rows.append({"version": v.version, "digest": v.digest, "created": v.created,
-                     "metrics": art.manifest.get("metrics", {}),
+                     "metrics": canonical(art.manifest.get("metrics", {}), art.stage),
+                     "headline": headline_of(art.manifest)["text"],
+                     "manifest": art.manifest,
                      "run_id": art.manifest.get("flow_run_id")})
+    for r in rows:
+        manifest = r.pop("manifest")
+        if not args.json:
+            print(f"{args.name}@{r['version']:<4} {r['digest'][:12]}  {r['created']}  "
+                  f"{_fmt_metrics(manifest)}")
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    for r in rows:
-        print(f"{args.name}@{r['version']:<4} {r['digest'][:12]}  {r['created']}  "
-              f"{_fmt_metrics(r['metrics'])}")
     return 0
 
 
@@ -176,59 +180,18 @@ def cmd_server(store: ArtifactStore, args) -> int:
     os.execv(exe, [exe, "server", "start", "--host", args.host, "--port", str(args.port)])
 
 
-def _ppo_summary(m: dict) -> str:
-    """PPO against SFT on held-out prompts: responses sampled as in training (what PPO
-    optimizes) and greedy ones (their mode); a gold change within the noise is called so."""
-    parts = []
-    for mode, r, g, n in ((f"sampled at T {m.get('sampling_temperature', 1.0):g}",
-                           "sampled_reward", "sampled_gold_accuracy", "n_sampled_gold"),
-                          ("greedy", "reward_mean", "gold_accuracy", "n_gold")):
-        if g not in m or f"sft_{g}" not in m:
-            continue
-        sft_r = m["sft_reward_mean"] if r == "reward_mean" else m[f"sft_{r}"]
-        delta, real = accuracy_change(m[f"sft_{g}"], m[g], m.get(n, 0))
-        verdict = ("raised" if delta > 0 else "LOWER") if real else "within noise"
-        parts.append(f"{mode}: RM reward {sft_r:.3f} -> {m[r]:.3f}, gold accuracy "
-                     f"{m[f'sft_{g}']:.3f} -> {m[g]:.3f} ({verdict})")
-    return ("; ".join(parts) + f"; KL {m['kl']:.3f} (target {m['kl_target']:.1f})"
-            + ("; REWARD HACKING" if m["reward_hacking"] else "")
-            + ("; trained on the checker's reward" if m.get("reward_source") == "checker"
-               else ""))
-
-
 def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str:
+    """One line per stage: each artifact's own headline (the stage wrote what it means)."""
     lines = ["", f"alignflow pipeline finished in {seconds / 60:.1f} min; store {store.root}", ""]
     for stage, digest in result.items():
         art = store.get(digest, verify=False)
-        m = art.manifest.get("metrics", {})
         name = art.manifest.get("name") or stage
-        if stage == "pretrain":
-            verdict = "beats" if m["val_loss"] < m["unigram_val_loss"] else "does NOT beat"
-            what = (f"held-out loss {m['val_loss']:.3f} (ppl {m['val_ppl']:.1f}) {verdict} the "
-                    f"unigram baseline {m['unigram_val_loss']:.3f}")
-        elif stage == "sft" and "gold_accuracy" in m:
-            verdict = "beats" if m["gold_accuracy"] > m["parent_gold_accuracy"] else \
-                "does NOT beat"
-            what = (f"held-out gold accuracy {m['gold_accuracy']:.3f} {verdict} the pretrained "
-                    f"model's {m['parent_gold_accuracy']:.3f}")
-        elif stage == "sft":
-            verdict = "beats" if m["heldout_loss"] < m["parent_heldout_loss"] else "does NOT beat"
-            what = (f"held-out answer loss {m['heldout_loss']:.3f} {verdict} the parent's "
-                    f"{m['parent_heldout_loss']:.3f}")
-        elif stage == "rm":
-            verdict = "meets" if m["pairwise_accuracy"] >= 0.85 else "is below"
-            what = (f"held-out pairwise accuracy {m['pairwise_accuracy']:.3f} ({verdict} the "
-                    f"0.85 target); rewards {m['reward_mean']:.2f} +- {m['reward_std']:.2f}")
-        elif stage == "ppo":
-            what = _ppo_summary(m)
-        else:
-            what = f"{m.get('documents', '?')} documents, {m.get('chars', 0) / 1e6:.1f} MB of text"
-        lines.append(f"  {stage:<9} {name}  {art.short}  {what}")
+        lines.append(f"  {stage:<9} {name}  {art.short}  {headline_of(art.manifest)['text']}")
     last = next(reversed(result.values()))
     name = store.get(last, verify=False).manifest.get("name")
     lines += ["", "next:",
               f"  alignflow lineage {name}          # the chain back to the raw sources",
-              f"  alignflow models                  # every model and its versions",
+              "  alignflow models                  # every model and its versions",
               f"  files: {store.local_path(last) if store.local else store.root}",
               "  UI: alignflow server, then open http://127.0.0.1:4200 and run with "
               "PREFECT_API_URL=http://127.0.0.1:4200/api"]
@@ -271,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config override for one stage, e.g. pretrain:train.max_steps=50")
     s.add_argument("--force", action="append", metavar="STAGE",
                    help="retrain this stage even if its inputs are unchanged")
-    s.add_argument("--from-stage", choices=["pretrain", "sft", "rm", "ppo"],
+    s.add_argument("--from-stage", choices=STAGES,
                    help="start here; earlier stages' artifacts come from the configs' parents")
     s.set_defaults(func=cmd_run)
 

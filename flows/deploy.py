@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field
 
 from flows.params import PRESETS
-from stages.config import ConfigError, Strict
+from stages.config import ConfigError, Strict, load_config
 
 
 class ScheduleEntry(Strict):
@@ -26,19 +25,12 @@ class ScheduleEntry(Strict):
                              "default parameters for runs from this schedule.")
 
 
-class ScheduleFile(BaseModel):
+class ScheduleFile(Strict):
     schedules: list[ScheduleEntry] = Field(default_factory=list)
 
 
 def load_schedules(path: str | Path) -> list[ScheduleEntry]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: schedules file not found")
-    try:
-        entries = ScheduleFile.model_validate(yaml.safe_load(p.read_text()) or {}).schedules
-    except ValidationError as e:
-        msgs = [f"  {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
-        raise ConfigError(f"{path}: invalid schedules\n" + "\n".join(msgs)) from None
+    entries = load_config(ScheduleFile, path, what="schedules file").schedules
     for i, s in enumerate(entries):
         if (s.cron is None) == (s.interval_s is None):
             raise ConfigError(f"{path}: schedules.{i}: give exactly one of cron, interval_s")

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-import glob
-import hashlib
-import json
-
 import yaml
 
 from stages.artifacts import ArtifactError, ArtifactStore, code_fingerprint, json_digest
+from stages.config import REPO_ROOT as REPO
 from stages.config import SCHEMAS, find_file, load_config, resolved
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from stages.proc import HANDSHAKE, free_port, release_shm
 
 
 def deepspeed_exe() -> str:
@@ -64,7 +55,7 @@ def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], 
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
-            if line.startswith("ALIGNFLOW_ARTIFACT="):
+            if line.startswith(HANDSHAKE):
                 digest = line.split("=", 1)[1].strip()
             on_line(line)
             if deadline and time.time() > deadline:
@@ -74,36 +65,14 @@ def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], 
         stop_group(proc)
         raise
     finally:
-        release_shm(cmd)
+        release_job_shm(cmd)
 
 
-def release_shm(cmd: list[str]) -> None:
+def release_job_shm(cmd: list[str]) -> None:
     """Unlink the shared-memory buffers DeepSpeed's CPU allreduce leaves behind for this job's
     port, whatever way it ended (a rank killed or crashed never cleans up after itself)."""
     if "--master_port" in cmd:
-        port = cmd[cmd.index("--master_port") + 1]
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
-
-
-def leaked_shm(shm: Path = Path("/dev/shm"), older_than_s: float = 3600,
-               min_age_s: float = 60) -> list[Path]:
-    """DeepSpeed CPU allreduce buffers that no live process maps or holds open: left by jobs
-    launched outside alignflow and killed (a rank's own cleanup never ran). When some process
-    cannot be inspected (another user's), only buffers older than `older_than_s` count; one
-    younger than `min_age_s` may be between its creation and its mapping, and never counts."""
-    files = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    in_use, blind = set(), False
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            held = proc.joinpath("maps").read_text() + "".join(
-                f"{os.readlink(fd)}\n" for fd in proc.joinpath("fd").iterdir())
-        except OSError:             # gone meanwhile, or not ours to read
-            blind = blind or proc.exists()
-            continue
-        in_use |= {f for f in files if str(f) in held}
-    cutoff = time.time() - (max(older_than_s, min_age_s) if blind else min_age_s)
-    return sorted(f for f in files - in_use if f.exists() and f.stat().st_mtime < cutoff)
+        release_shm(cmd[cmd.index("--master_port") + 1])
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:

@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
-
+from stages.config import STAGES
 
 class StageParams(BaseModel):
     config: str = Field(description="Stage config YAML, relative to the alignflow checkout.")
@@ -23,7 +22,7 @@ class StageParams(BaseModel):
 class PipelineParams(BaseModel):
     store: str | None = Field(None, description="Artifact store root (path or fsspec URL); "
                               "default $ALIGNFLOW_STORE or .alignflow/store.")
-    from_stage: Literal["pretrain", "sft", "rm", "ppo"] = Field(
+    from_stage: Literal[STAGES] = Field(
         "pretrain", description="First stage to run. Earlier stages are not run: the first "
         "one run takes its parents from its own config (e.g. rm's `parent: demo-sft@latest`).")
     corpus: str | None = Field("datasets_cfg/demo_corpus.yaml", description="Corpus recipe to "

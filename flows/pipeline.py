@@ -17,6 +17,7 @@ from flows.launch import build_command, launch_key, run_stage
 from flows.params import PipelineParams, StageParams
 from stages import lineage
 from stages.artifacts import ArtifactStore
+from stages.metrics import BASELINE, canonical, headline_of
 
 
 @task(name="corpus")
@@ -89,14 +90,13 @@ class Progress:
 def report(stage: str, art, store: ArtifactStore) -> str:
     """Markdown: metrics against the parent, config changes since the previous version,
     sample generations, curves and where the checkpoint is."""
-    m = art.manifest.get("metrics", {})
+    m = canonical(art.manifest.get("metrics", {}), art.stage)
     name = art.manifest.get("name") or stage
-    lines = [f"# {stage} `{name}` {art.short}", "", "| metric | this model | parent |",
-             "|---|---|---|"]
+    lines = [f"# {stage} `{name}` {art.short}", "", headline_of(art.manifest)["text"], "",
+             "| metric | this model | baseline |", "|---|---|---|"]
     for k, v in sorted(m.items()):
-        if isinstance(v, (int, float)) and not k.startswith(("parent_", "sft_", "unigram_")):
-            ref = next((m[p + k] for p in ("parent_", "sft_", "unigram_") if p + k in m), "")
-            lines.append(f"| {k} | {_fmt(v)} | {_fmt(ref)} |")
+        if isinstance(v, (int, float)) and not k.startswith(BASELINE):
+            lines.append(f"| {k} | {_fmt(v)} | {_fmt(m.get(BASELINE + k, ''))} |")
     history = store.versions(name)
     older = [v.digest for v in history if v.digest != art.digest]
     if older:
@@ -134,7 +134,7 @@ def publish(stage: str, digest: str, store: ArtifactStore) -> None:
         create_link_artifact(key=f"{slug(name)}-checkpoint",
                              link=f"file://{store.local_path(digest)}",
                              link_text=f"{name} {art.short}", description="the exported model")
-    metrics = {k: v for k, v in art.manifest.get("metrics", {}).items()
+    metrics = {k: v for k, v in canonical(art.manifest.get("metrics", {}), art.stage).items()
                if isinstance(v, (int, float))}
     create_table_artifact(key=f"{slug(name)}-metrics", table=[
         {"metric": k, "value": round(v, 6) if isinstance(v, float) else v}

@@ -33,14 +33,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from stages.config import REPO_ROOT
+
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-KINDS = ("source", "corpus", "tokenizer", "dataset", "model", "adapter", "report")
+KINDS = ("corpus", "tokenizer", "dataset", "model", "adapter")   # what the stages produce
 TRACKED_PACKAGES = ("alignflow", "torch", "transformers", "trl", "datasets", "tokenizers",
                     "deepspeed", "prefect", "pyarrow", "peft", "pydantic", "fsspec")
 _CHUNK = 1 << 20
@@ -102,7 +104,7 @@ def json_digest(obj: Any) -> str:
 
 def code_version(repo: str | Path | None = None) -> dict:
     """Git commit and dirty flag of the code that produced an artifact."""
-    repo = Path(repo or Path(__file__).resolve().parent.parent)
+    repo = Path(repo or REPO_ROOT)
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
@@ -475,10 +477,6 @@ class ArtifactStore:
             return self.get(digest)
         except ArtifactError:
             return None  # damaged or removed: the stage must run again
-
-    def iter_artifacts(self) -> Iterator[Artifact]:
-        for d in self.digests():
-            yield Artifact(d, self._read_manifest(d), self)
 
     def gc(self, older_than_s: float = 3600) -> list[str]:
         """Remove staging left by killed writers (never touches published artifacts)."""

@@ -18,8 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
-PRESETS = ("tiny", "demo", "125m", "350m", "1b", "7b")
+STAGES = ("pretrain", "sft", "rm", "ppo")   # the one spelling of the stage names
 
 
 class ConfigError(ValueError):
@@ -359,6 +358,9 @@ class RMConfig(Strict):
     run: RunConfig
     parent: str = Field(description="SFT artifact ref the reward model starts from.")
     data: RMDataConfig
+    target_accuracy: float = Field(0.85, gt=0, le=1, description="Held-out pairwise accuracy "
+                                   "the headline calls good enough to train PPO against; below "
+                                   "it PPO mostly finds the RM's blind spots.")
     center_rewards_coefficient: float = Field(0.01, ge=0, description="Pulls mean reward to 0 so "
                                               "PPO sees rewards on a stable scale.")
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -447,13 +449,17 @@ SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "sft": SFTConfig
 
 # --- loading ------------------------------------------------------------------------------
 
-def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[str] = ()) -> Any:
-    """Read `path`, apply `key.sub=value` overrides, validate against `schema`."""
+def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[str] = (),
+                what: str = "config file") -> Any:
+    """Read `path`, apply `key.sub=value` overrides, validate against `schema`: the one way a
+    YAML file (stage config, mixture, example set, corpus recipe, schedules) becomes a typed
+    object, with errors that name the file, the field, the value and what is allowed."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    found = find_file(path)
+    if not found.is_file():
+        raise ConfigError(f"{path}: {what} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(found.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -32,11 +32,12 @@ import zipfile
 from pathlib import Path
 from typing import Iterator, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field
 
 from stages.artifacts import ArtifactStore, default_home, input_key, sha256_file
-from stages.config import ConfigError, Fetch, Strict, find_file
+from stages.config import ConfigError, Fetch, Strict, load_config
+from stages.metrics import headline
+from stages.proc import HANDSHAKE
 
 
 # --- recipe schema ------------------------------------------------------------------------
@@ -73,15 +74,7 @@ class CorpusRecipe(Strict):
 
 
 def load_recipe(path: str | Path) -> CorpusRecipe:
-    p = find_file(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: corpus recipe not found")
-    try:
-        return CorpusRecipe.model_validate(yaml.safe_load(p.read_text()) or {})
-    except ValidationError as e:
-        msgs = [f"  {'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})"
-                for x in e.errors()]
-        raise ConfigError(f"{path}: invalid corpus recipe\n" + "\n".join(msgs)) from None
+    return load_config(CorpusRecipe, path, what="corpus recipe")
 
 
 # --- fetching -----------------------------------------------------------------------------
@@ -347,15 +340,17 @@ def build_corpus(recipe_path: str | Path, store: ArtifactStore, force: bool = Fa
     sources = [{"name": n, "domain": s["domain"], "via": s["via"], "version": s["version"],
                 **({"sha256": s["sha256"]} if "sha256" in s else {}), "license": s["license"]}
                for n, s in stats["sources"].items()]
+    docs = sum(d["documents"] for d in stats["domains"].values())
+    chars = sum(d["chars"] for d in stats["domains"].values())
+    text = f"{docs} documents, {chars / 1e6:.1f} MB of text from {len(sources)} sources"
     art = store.put(out, kind="corpus", stage="data", name=recipe.name, config=spec,
                     input_key=key, move=True,
-                    metrics={"documents": sum(d["documents"] for d in stats["domains"].values()),
-                             "chars": sum(d["chars"] for d in stats["domains"].values())},
+                    metrics={"data/documents": docs, "data/chars": chars},
                     timings={"build_s": round(time.time() - t0, 2)},
                     command=" ".join(["python", "-m", "stages.corpus", *sys.argv[1:]]),
-                    extra={"sources": sources, "corpus_stats": stats})
-    log(f"[corpus] {recipe.name}: {art.short} ({art.manifest['metrics']['chars'] / 1e6:.1f} MB "
-        f"in {time.time() - t0:.0f}s)")
+                    extra={"sources": sources, "corpus_stats": stats,
+                           "headline": headline("data/documents", docs, text)})
+    log(f"[corpus] {recipe.name}: {art.short} ({text}, in {time.time() - t0:.0f}s)")
     return art
 
 
@@ -370,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
+    print(f"{HANDSHAKE}{art.digest}", flush=True)
     return 0
 
 

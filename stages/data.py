@@ -18,9 +18,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
-from stages.config import ConfigError, MixtureConfig, SourceConfig, find_file
+from stages.config import ConfigError, MixtureConfig, SourceConfig, find_file, load_config
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -39,16 +38,7 @@ class DataError(ValueError):
 
 
 def load_mixture(path: str | Path) -> MixtureConfig:
-    from pydantic import ValidationError
-    p = find_file(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: mixture file not found")
-    try:
-        return MixtureConfig.model_validate(yaml.safe_load(p.read_text()) or {})
-    except ValidationError as e:
-        msgs = [f"  {'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})"
-                for x in e.errors()]
-        raise ConfigError(f"{path}: invalid mixture\n" + "\n".join(msgs)) from None
+    return load_config(MixtureConfig, path, what="mixture file")
 
 
 # --- reading sources ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from stages import proc
 from stages.artifacts import default_home
 from stages.config import DeepSpeedConfig, OptimConfig, TrainConfig, load_deepspeed_template
 
@@ -53,16 +54,9 @@ def init_distributed() -> Dist:
             torch.set_num_threads(per_rank)
     if "RANK" not in os.environ:  # plain `python -m stages.x`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+                          MASTER_PORT=str(proc.free_port()))
     deepspeed.init_distributed(dist_backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def broadcast(obj, d: Dist):
@@ -84,42 +78,12 @@ def on_rank0(fn, d: Dist):
     return broadcast(value, d)
 
 
-def reuse_unchanged(store, name: str, key: str, force: bool, d: Dist) -> bool:
-    """True when an intact artifact with exactly these inputs exists (same config, parents and
-    stage code): rank 0 registers it under `name` and prints it, and every rank stops."""
-    if force:
-        return False
-
-    def find() -> bool:
-        hit = store.find_by_inputs(key)
-        if hit is not None:
-            store.tag(name, hit.digest)
-            log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
-            print(f"ALIGNFLOW_ARTIFACT={hit.digest}", flush=True)
-        return hit is not None
-    return on_rank0(find, d)
-
-
 def shutdown(d: Dist) -> None:
     """Leave together and tear the process group down: a rank that exits with the group (and
     DeepSpeed's shared-memory communicator) still alive can abort at interpreter exit."""
     dist.barrier()
     dist.destroy_process_group()
-    release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
-
-
-SHM_DIR = Path("/dev/shm")
-
-
-def release_shm(port: str | int, rank: str | int = "*") -> list[Path]:
-    """Unlink DeepSpeed's CPU allreduce buffers of the job on `port` (one rank's, or all).
-    DeepSpeed never unlinks them: every multi-rank CPU job left ~66 MB per rank in /dev/shm
-    (measured: 18 GiB after a day of tests, and a machine that stalled)."""
-    gone = []
-    for f in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
-        f.unlink(missing_ok=True)
-        gone.append(f)
-    return gone
+    proc.release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
 
 
 def seed_all(seed: int) -> None:
@@ -281,6 +245,27 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, newest: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def last_hf_checkpoint(ckpt: Path) -> str | None:
+    """The newest checkpoint-N directory the HF Trainer wrote under `ckpt`, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+
+
+def hf_log(history: list[dict]) -> list[dict]:
+    """The HF Trainer's log history in alignflow's metric names (stages/metrics.py): loss ->
+    train/loss, eval_loss -> eval/loss, learning_rate -> train/lr, runtimes under perf/."""
+    rename = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
+              "train_loss": "train/mean_loss", "step": "step", "epoch": "epoch"}
+
+    def name(k: str) -> str:
+        if k in rename:
+            return rename[k]
+        if k.endswith(("_runtime", "_per_second")):
+            return f"perf/{k}"
+        return f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+    return [{name(k): v for k, v in row.items()} for row in history]
+
+
 @contextmanager
 def full_parameters(engine):
     """Every parameter whole on every rank (ZeRO-3 shards them), for eval and export."""
@@ -317,7 +302,7 @@ def run(main) -> None:
         # the process group alive aborts at interpreter exit and hides the exit code.
         if dist.is_initialized():
             dist.destroy_process_group()
-            release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
+            proc.release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
         sys.exit(3 if isinstance(e, FloatingPointError) else 2)
 
 

@@ -12,25 +12,15 @@ import random
 import time
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
 
 from stages import sources, tasks
 from stages.artifacts import ArtifactStore, default_home, input_key, json_digest, sha256_file
-from stages.config import ConfigError, ExampleSetConfig, ExampleSource, find_file
+from stages.config import ExampleSetConfig, ExampleSource, load_config
 from stages.data import DataError, source_files
 
 
 def load_example_set(path: str | Path) -> ExampleSetConfig:
-    p = find_file(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: dataset config not found")
-    try:
-        return ExampleSetConfig.model_validate(yaml.safe_load(p.read_text()) or {})
-    except ValidationError as e:
-        msgs = [f"  {'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})"
-                for x in e.errors()]
-        raise ConfigError(f"{path}: invalid dataset config\n" + "\n".join(msgs)) from None
+    return load_config(ExampleSetConfig, path, what="dataset config")
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -209,8 +199,8 @@ def get_example_set(path: str | Path, store: ArtifactStore, log=print):
                    if k in ("via", "spec", "version", "sha256", "license")}}
                for s in cfg.sources]
     art = store.put(out, kind="dataset", stage="data", name=cfg.name, config=spec,
-                    input_key=key, move=True, metrics={"rows": stats["train"],
-                                                       "eval_rows": stats["eval"]},
+                    input_key=key, move=True, metrics={"data/rows": stats["train"],
+                                                       "data/eval_rows": stats["eval"]},
                     timings={"build_s": round(time.time() - t0, 2)},
                     extra={"sources": sources, "example_stats": stats})
     log(f"[examples] {cfg.name}: {stats['train']} train / {stats['eval']} eval -> {art.short}")

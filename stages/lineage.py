@@ -10,12 +10,11 @@ import json
 from dataclasses import dataclass, field
 
 from stages.artifacts import Artifact, ArtifactStore
+from stages.metrics import KEY_METRICS, canonical
 
 # Config values worth a glance in a tree; the full config is in each manifest.
 KEY_CONFIG = ("model.preset", "data.vocab_size", "data.seq_len", "data.total_tokens",
               "train.max_steps", "optim.lr", "lora.enabled", "kl.coef", "seed")
-KEY_METRICS = ("val_loss", "val_ppl", "gold_accuracy", "pairwise_accuracy", "reward_mean",
-               "kl", "tokens", "documents", "rows")
 
 
 @dataclass
@@ -78,7 +77,8 @@ def _node(art: Artifact, labels: dict[str, str]) -> Node:
     m = art.manifest
     flat = flatten(m.get("config", {}))
     config = {k: flat[k] for k in KEY_CONFIG if k in flat}
-    metrics = {k: m["metrics"][k] for k in KEY_METRICS if k in m.get("metrics", {})}
+    named = canonical(m.get("metrics", {}), m.get("stage"))
+    metrics = {k: named[k] for k in KEY_METRICS if k in named}
     return Node(art.digest, m["kind"], labels.get(art.digest, art.short), m.get("stage"),
                 m.get("created"), m.get("flow_run_id"), config, metrics)
 

@@ -69,6 +69,16 @@ def device_peak_flops(device_name: str) -> float | None:
     return None
 
 
+def torch_no_grad(fn):
+    """torch.no_grad() without importing torch where this module is only read for shapes."""
+    def wrapped(*args, **kw):
+        import torch
+        with torch.no_grad():
+            return fn(*args, **kw)
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
 # --- parents and evaluation by generation --------------------------------------------------
 
 def parent_model(store, ref: str, role: str, causal: bool = True, stages: tuple = ()):
@@ -136,6 +146,17 @@ def chat_length(tok, messages: list[dict]) -> int:
     return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
+def decode_responses(tok, ids) -> tuple[list[str], list[bool]]:
+    """(text, ended) of each generated row: the tokens before the first EOS, special tokens
+    dropped. The one cut that SFT, RM sampling and PPO all use, so their answers compare."""
+    texts, ended = [], []
+    for row in ids.tolist():
+        cut = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+        texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+        ended.append(cut < len(row))
+    return texts, ended
+
+
 def sample_answers(model, tok, prompts: list[str], k: int, temperature: float,
                    max_new_tokens: int, batch: int = 64) -> list[list[str]]:
     """k sampled answers per prompt, cut at the EOS, as PPO's rollouts would produce them."""
@@ -151,20 +172,19 @@ def sample_answers(model, tok, prompts: list[str], k: int, temperature: float,
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, top_k=None, num_return_sequences=k,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            texts = [tok.decode(ids, skip_special_tokens=False).split(tok.eos_token)[0]
-                     .replace(tok.pad_token or "\0", "")
-                     for ids in gen[:, enc["input_ids"].shape[1]:]]
+            texts, _ = decode_responses(tok, gen[:, enc["input_ids"].shape[1]:])
             out += [texts[j * k:(j + 1) * k] for j in range(len(chunk))]
     return out
 
 
 def gold_accuracy(model, tok, recs: list[dict], max_new_tokens: int, batch: int = 32) -> dict:
-    """Greedy answers to task prompts, checked against their known answers."""
+    """Greedy answers to task prompts, scored by tasks.gold_metrics: gold/accuracy,
+    gold/accuracy/<family>, gold/n, gold/eos_rate, and the first samples."""
     import torch
-    from stages.tasks import check
+    from stages.tasks import gold_metrics
     model.eval()
     tok.padding_side = "left"   # generation continues from the right edge of every row
-    hits, by_task, ended, samples = 0, {}, 0, []
+    texts, ended = [], []
     with torch.no_grad():
         for i in range(0, len(recs), batch):
             chunk = recs[i:i + batch]
@@ -172,19 +192,33 @@ def gold_accuracy(model, tok, recs: list[dict], max_new_tokens: int, batch: int 
                       padding=True, add_special_tokens=False)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for r, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                text = tok.decode(ids, skip_special_tokens=False)
-                stopped = tok.eos_token in text
-                answer = text.split(tok.eos_token)[0].replace(tok.pad_token or "\0", "")
-                ok = check(r["answer"], answer)
-                hits += ok
-                ended += stopped
-                t = by_task.setdefault(r.get("task", "?"), [0, 0])
-                t[0] += ok
-                t[1] += 1
-                if len(samples) < 12:
-                    samples.append({"prompt": r["prompt"], "answer": r["answer"],
-                                    "response": answer, "correct": bool(ok)})
-    n = max(len(recs), 1)
-    return {"accuracy": hits / n, "eos_rate": ended / n, "samples": samples,
-            "by_task": {k: v[0] / v[1] for k, v in sorted(by_task.items())}}
+            t, e = decode_responses(tok, out[:, enc["input_ids"].shape[1]:])
+            texts += t
+            ended += e
+    samples = [{"prompt": r["prompt"], "answer": r["answer"], "response": t,
+                "correct": ok} for r, t, ok in zip(recs[:12], texts, gold_checks(recs, texts))]
+    return {**gold_metrics(recs, texts), "gold/eos_rate": sum(ended) / max(len(recs), 1),
+            "samples": samples}
+
+
+def gold_checks(recs: list[dict], texts: list[str]) -> list[bool]:
+    from stages.tasks import check
+    return [check(r["answer"], t) for r, t in zip(recs, texts)]
+
+
+@torch_no_grad
+def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int = 32,
+              device=None):
+    """The reward model's score of each (prompt, response), formatted exactly as the RM was
+    trained on; `model` may be a DeepSpeed engine. The RM stage and PPO both score with it."""
+    import torch
+    tok.padding_side = "right"
+    device = device or next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch):
+        convs = [tok.apply_chat_template([{"role": "user", "content": p},
+                                          {"role": "assistant", "content": r}], tokenize=False)
+                 for p, r in zip(prompts[i:i + batch], responses[i:i + batch])]
+        enc = tok(convs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out.append(model(**enc).logits[:, 0].float())
+    return torch.cat(out)

@@ -1,7 +1,7 @@
 """Training curves as a PNG inside each stage's artifact (linked from its Prefect report).
 
-Reads the stage's train_log.jsonl (our Metrics rows, or the HF Trainer's log history) and
-draws one panel per curve that the log has: losses, rewards, KL, accuracies.
+Reads the stage's train_log.jsonl (rows of `group/name` metrics, the same in every stage) and
+draws one panel per metric group that the log has.
 """
 
 from __future__ import annotations
@@ -9,13 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Panels in this order, each with the log keys drawn on it (first match per key).
-PANELS = {
-    "loss": ("loss", "val_loss", "eval_loss", "policy_loss", "value_loss"),
-    "reward": ("reward", "eval_reward", "mean_reward", "score_normalized"),
-    "kl": ("kl", "kl_exact", "eval_kl", "beta"),
-    "accuracy": ("accuracy", "eval_accuracy", "gold_accuracy", "eval_gold_accuracy"),
-}
+# One panel per metric group (stages/metrics.py), in this order; other groups are not drawn.
+PANELS = ("train", "eval", "loss", "rollout", "rl", "gold", "policy", "critic")
+MAX_LINES = 8   # a panel with more series (per-domain losses of a big mixture) keeps the first
 
 
 def curves(log: Path, out: Path, title: str) -> Path | None:
@@ -25,9 +21,10 @@ def curves(log: Path, out: Path, title: str) -> Path | None:
     import matplotlib.pyplot as plt
     rows = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
     panels = {}
-    for panel, keys in PANELS.items():
+    names = sorted({k for r in rows for k in r if "/" in k})
+    for panel in PANELS:
         series = {}
-        for k in keys:
+        for k in [n for n in names if n.split("/")[0] == panel and n != "train/lr"][:MAX_LINES]:
             pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))
                    and isinstance(r.get("step"), (int, float))]
             if len(pts) >= 2:

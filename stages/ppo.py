@@ -7,23 +7,27 @@ DeepSpeed-Chat's step 3, with the details of "The N Implementation Details of RL
 the actor and the frozen reference start from the SFT model; the critic starts from the reward
 model (its score head read per token) and the frozen reward model scores whole responses.
 
-setup:  validate parents (SFT actor, RM reward, same tokenizer), prompts (none longer than the
-        context minus the response); rank 0 builds or reuses the prompt set; four engines.
-step:   sample responses (temperature, top-k, top-p), cut after EOS, penalize responses with no
-        EOS; RM score at the last token, normalized with the RM's statistics and clipped;
-        per-token KL penalty against the reference (k1 or k3), fixed or adaptive beta; GAE and
-        whitened advantages; several epochs of clipped policy and value updates.
-save:   held-out evaluation of SFT and PPO, greedy and sampled (RM reward, gold accuracy, KL),
-        reward-hacking check, the actor as an HF causal LM whose manifest names both parents.
+setup:    validate parents (SFT actor, RM reward, same tokenizer) and the DeepSpeed template.
+data:     rank 0 builds or reuses the prompt set; none longer than the context minus the
+          response.
+models:   four engines: actor and reference from SFT, critic and reward from the RM.
+resume:   actor, critic, KL controller, step and RNG; the SFT baseline, measured on the
+          held-out prompts before the first step, is kept in the work directory.
+train:    sample responses (temperature, top-k, top-p), cut after EOS, penalize responses with
+          no EOS; RM score at the last token, normalized with the RM's statistics and clipped;
+          per-token KL penalty against the reference (k1 or k3), fixed or adaptive beta; GAE
+          and whitened advantages; several epochs of clipped policy and value updates.
+evaluate: held-out prompts, greedy and sampled (RM reward, gold accuracy, KL) against SFT's;
+          the reward-hacking check.
+export:   the actor as an HF causal LM whose manifest names both parents.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +35,14 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
-from stages import plots
 from stages import losses as L
-from stages.artifacts import ArtifactStore, input_key
-from stages.config import ConfigError, PPOConfig, TrainConfig, parse_stage_args, resolved
+from stages import metrics as M
+from stages import stage as S
+from stages.artifacts import ArtifactStore
+from stages.config import ConfigError, PPOConfig, TrainConfig
 from stages.examples import get_example_set, load_example_set, read_jsonl
-from stages.model import chat_prompt, load_tokenizer, parent_model
-from stages.tasks import accuracy_change, check
+from stages.model import chat_prompt, decode_responses, load_tokenizer, parent_model, rm_scores
+from stages.tasks import accuracies, accuracy_change, check, gold_counts
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -122,10 +127,47 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 # --- one PPO step -------------------------------------------------------------------------
 
+@dataclass
+class Models:
+    """The four engines, the tokenizer and what scoring needs: one object, not ten arguments."""
+    actor: Any                  # DeepSpeed engine, trained: the policy
+    critic: Any                 # DeepSpeed engine, trained: V(s_t) per token
+    ref: Any                    # frozen reference policy, the KL anchor
+    reward: Any                 # frozen reward model
+    tok: Any
+    stats: dict                 # the RM's reward_mean and reward_std, to normalize with
+    kl_ctl: L.KLController
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled (or greedy) responses and everything PPO's epochs need. B rows,
+    P prompt positions (left-padded), R response positions (padded after the EOS)."""
+    seq: torch.Tensor           # [B, P+R] prompt and response token ids
+    attn: torch.Tensor          # [B, P+R] 1 on real tokens
+    pos: torch.Tensor           # [B, P+R] position ids, 0 at each row's first real token
+    resp: torch.Tensor          # [B, R] response ids, pad after the EOS
+    mask: torch.Tensor          # [B, R] float, 1.0 through the EOS
+    P: int
+    logp: torch.Tensor          # [B, R] actor log-probs of resp at the sampling temperature
+    values: torch.Tensor        # [B, R] critic values, 0 on padding
+    adv: torch.Tensor           # [B, R] GAE advantages (whitened if configured)
+    returns: torch.Tensor       # [B, R] advantages + values
+    texts: list[str]            # B decoded responses, cut before the EOS
+    raw: torch.Tensor           # [B] RM score
+    norm: torch.Tensor          # [B] the score PPO maximizes: normalized RM or checker +-1
+    kl: torch.Tensor            # [B] estimated KL to the reference, summed over the response
+    exact_kl: torch.Tensor      # [B] exact KL over the vocabulary, summed over the response
+    ended: torch.Tensor         # [B] float, 1.0 where the response has an EOS
+    gold: list[bool]            # checker verdicts of the rows whose prompt has an answer
+    gen_s: float                # seconds spent in generate()
+
+
 @torch.no_grad()
-def rollout(actor, ref, critic, reward, tok, prompts: list[dict], cfg: PPOConfig,
-            kl_ctl: L.KLController, stats: dict, d: E.Dist, greedy: bool = False) -> dict:
+def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
+            greedy: bool = False) -> Rollout:
     """Sample responses and score them: everything the PPO epochs need, on this rank."""
+    tok = m.tok
     tok.padding_side = "left"
     enc = tok([chat_prompt(tok, p["prompt"]) for p in prompts], return_tensors="pt",
               padding=True, add_special_tokens=False).to(d.device)
@@ -133,9 +175,9 @@ def rollout(actor, ref, critic, reward, tok, prompts: list[dict], cfg: PPOConfig
     sampling = {"do_sample": False} if greedy else {
         "do_sample": True, "temperature": cfg.rollout.temperature,
         "top_k": cfg.rollout.top_k or None, "top_p": cfg.rollout.top_p}
-    out = actor.module.generate(**enc, max_new_tokens=cfg.rollout.max_new_tokens,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                **sampling)
+    out = m.actor.module.generate(**enc, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  **sampling)
     gen_s = time.time() - t0
     P = enc["input_ids"].shape[1]
     resp = out[:, P:]
@@ -149,64 +191,55 @@ def rollout(actor, ref, critic, reward, tok, prompts: list[dict], cfg: PPOConfig
     attn = torch.cat([enc["attention_mask"], mask.long()], 1)
     pos = positions(attn)
     temp = 1.0 if greedy else cfg.rollout.temperature
-    logits = actor(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
+    logits = m.actor(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
     logp = L.token_logprobs(logits, resp, temp)
-    ref_logits = ref(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
+    ref_logits = m.ref(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
     ref_logp = L.token_logprobs(ref_logits, resp, temp)
-    values = critic(seq, attn, pos)[:, P - 1:-1] * mask
-    texts = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(resp, mask)]
-    raw = score(reward, tok, prompts, texts, d)
+    values = m.critic(seq, attn, pos)[:, P - 1:-1] * mask
+    texts, _ = decode_responses(tok, resp)
+    raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=len(prompts),
+                    device=d.device)
     gold = [check(p["answer"], t) for p, t in zip(prompts, texts) if "answer" in p]
     if cfg.ppo.reward_source == "checker":
         norm = torch.tensor(gold, dtype=torch.float32, device=d.device) * 2 - 1
     else:
-        norm = ((raw - stats["reward_mean"]) / stats["reward_std"]).clamp(-cfg.ppo.reward_clip,
-                                                                          cfg.ppo.reward_clip)
+        norm = ((raw - m.stats["reward_mean"]) / m.stats["reward_std"]).clamp(
+            -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
     norm = norm - cfg.rollout.missing_eos_penalty * (~ended).float()
     kl = L.kl_estimate(logp, ref_logp, cfg.kl.estimator) * mask
     exact_kl = (L.exact_kl(logits, ref_logits) * mask).sum(1)
-    rewards = L.token_rewards(norm, kl, mask, kl_ctl.beta)
+    rewards = L.token_rewards(norm, kl, mask, m.kl_ctl.beta)
     adv, returns = L.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
     if cfg.ppo.whiten_advantages:
         adv = L.whiten(adv, mask)
-    return {"seq": seq, "attn": attn, "pos": pos, "resp": resp, "mask": mask, "P": P,
-            "logp": logp, "values": values, "adv": adv, "returns": returns, "texts": texts,
-            "raw": raw, "norm": norm, "kl": kl.sum(1), "exact_kl": exact_kl,
-            "ended": ended.float(), "gold": gold,
-            "gen_s": gen_s, "gen_tokens": float(mask.sum())}
+    return Rollout(seq, attn, pos, resp, mask, P, logp, values, adv, returns, texts, raw, norm,
+                   kl.sum(1), exact_kl, ended.float(), gold, gen_s)
 
 
-def score(reward, tok, prompts: list[dict], texts: list[str], d: E.Dist) -> torch.Tensor:
-    """RM score of each conversation, formatted exactly as the RM was trained on."""
-    tok.padding_side = "right"
-    convs = [tok.apply_chat_template([{"role": "user", "content": p["prompt"]},
-                                      {"role": "assistant", "content": t}], tokenize=False)
-             for p, t in zip(prompts, texts)]
-    enc = tok(convs, return_tensors="pt", padding=True, add_special_tokens=False).to(d.device)
-    return reward(**enc).logits[:, 0].float()
-
-
-def ppo_epochs(actor, critic, b: dict, cfg: PPOConfig, rng: np.random.Generator) -> dict:
-    n, mb, P = b["seq"].shape[0], cfg.ppo.minibatch_size, b["P"]
+def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) -> dict:
+    n, mb, P = b.seq.shape[0], cfg.ppo.minibatch_size, b.P
     acc: dict[str, list] = {}
     for _ in range(cfg.ppo.epochs):
         for idx in np.split(rng.permutation(n), n // mb):
             i = torch.as_tensor(idx)
-            seq, attn, pos, mask = b["seq"][i], b["attn"][i], b["pos"][i], b["mask"][i]
-            logits = actor(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
-            logp = L.token_logprobs(logits, b["resp"][i], cfg.rollout.temperature)
-            pg_loss, pg = L.policy_loss(logp, b["logp"][i], b["adv"][i], mask, cfg.ppo.clip_range)
-            actor.backward(pg_loss)
-            actor.step()
-            values = critic(seq, attn, pos)[:, P - 1:-1]
-            vf_loss, vf = L.value_loss(values, b["values"][i], b["returns"][i], mask,
+            seq, attn, pos, mask = b.seq[i], b.attn[i], b.pos[i], b.mask[i]
+            logits = m.actor(input_ids=seq, attention_mask=attn,
+                             position_ids=pos).logits[:, P - 1:-1]
+            logp = L.token_logprobs(logits, b.resp[i], cfg.rollout.temperature)
+            pg_loss, pg = L.policy_loss(logp, b.logp[i], b.adv[i], mask, cfg.ppo.clip_range)
+            m.actor.backward(pg_loss)
+            m.actor.step()
+            values = m.critic(seq, attn, pos)[:, P - 1:-1]
+            vf_loss, vf = L.value_loss(values, b.values[i], b.returns[i], mask,
                                        cfg.ppo.value_clip_range)
-            critic.backward(cfg.ppo.vf_coef * vf_loss)
-            critic.step()
+            m.critic.backward(cfg.ppo.vf_coef * vf_loss)
+            m.critic.step()
             with torch.no_grad():
                 ent = L.masked_mean(L.entropy(logits), mask).item()
-            for k, v in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-                         "entropy": ent, **pg, **vf}.items():
+            for k, v in {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+                         "policy/entropy": ent, "policy/clipfrac": pg["clipfrac"],
+                         "policy/approx_kl": pg["approx_kl"],
+                         "critic/clipfrac": vf["value_clipfrac"]}.items():
                 acc.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
@@ -219,53 +252,48 @@ def mean_all(values: dict[str, float], d: E.Dist) -> dict[str, float]:
     return {k: (t[i] / d.world).item() for i, k in enumerate(keys)}
 
 
+def sum_all(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: t[i].item() for i, k in enumerate(keys)}
+
+
 @torch.no_grad()
-def evaluate(actor, ref, critic, reward, tok, prompts, cfg, kl_ctl, stats, d) -> dict:
-    """Greedy responses to held-out prompts: RM reward, gold accuracy, KL to the reference."""
+def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
+    """Held-out prompts, greedy and sampled as in training: RM reward, gold accuracy (overall
+    and per family, as tasks.gold_metrics scores SFT), KL to the reference, EOS rate."""
     mine = prompts[d.rank::d.world]
-    raw, gold, kl, ended, samples, by_task = [], [], [], [], [], {}
-    for i in range(0, len(mine), cfg.train.micro_batch_size):
-        chunk = mine[i:i + cfg.train.micro_batch_size]
-        b = rollout(actor, ref, critic, reward, tok, chunk, cfg, kl_ctl, stats, d, greedy=True)
-        raw += b["raw"].tolist()
-        gold += b["gold"]
-        kl += b["exact_kl"].tolist()
-        ended += b["ended"].tolist()
-        samples += [{"prompt": p["prompt"], "response": t, "answer": p.get("answer"),
-                     "reward": r} for p, t, r in zip(chunk, b["texts"], b["raw"].tolist())]
-        for p, t in zip(chunk, b["texts"]):
-            if "task" in p:
-                by_task.setdefault(f"gold_{p['task']}", []).append(check(p["answer"], t))
-    # Per family, because a policy may gain on one family while exploiting the RM on another.
-    m = mean_all({"reward": float(np.mean(raw)), "gold_accuracy": float(np.mean(gold)) if gold
-                  else float("nan"), "kl": float(np.mean(kl)), "eos_rate": float(np.mean(ended)),
-                  **{k: float(np.mean(v)) for k, v in by_task.items()}, "n_gold": len(gold),
-                  **sampled_eval(actor, ref, critic, reward, tok, mine, cfg, kl_ctl, stats, d)}, d)
-    for k in ("n_gold", "n_sampled_gold"):      # counts over all ranks, not means
-        if k in m:
-            m[k] = round(m[k] * d.world)
-    m["samples"] = samples[:8]
-    return m
-
-
-def sampled_eval(actor, ref, critic, reward, tok, mine, cfg, kl_ctl, stats, d) -> dict:
-    """RM reward and gold accuracy of responses sampled as in rollouts, on held-out prompts. The
-    seed is fixed and the training RNG left untouched, so every evaluation draws alike and a
-    resumed run continues exactly."""
-    if not cfg.data.eval_samples:
-        return {}
-    reps = [p for p in mine for _ in range(cfg.data.eval_samples)]
-    raw, gold = [], []
-    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
-        torch.manual_seed(cfg.run.seed * 1000 + d.rank)
-        for i in range(0, len(reps), cfg.train.micro_batch_size):
-            b = rollout(actor, ref, critic, reward, tok, reps[i:i + cfg.train.micro_batch_size],
-                        cfg, kl_ctl, stats, d)
-            raw += b["raw"].tolist()
-            gold += b["gold"]
-    return {"sampled_reward": float(np.mean(raw)),
-            **({"sampled_gold_accuracy": float(np.mean(gold)),
-                "n_sampled_gold": len(gold)} if gold else {})}
+    mb = cfg.train.micro_batch_size
+    greedy = [rollout(m, mine[i:i + mb], cfg, d, greedy=True) for i in range(0, len(mine), mb)]
+    texts = [t for b in greedy for t in b.texts]
+    raw = [r for b in greedy for r in b.raw.tolist()]
+    out = {"rl/reward": raw, "rl/kl": [k for b in greedy for k in b.exact_kl.tolist()],
+           "rl/eos_rate": [e for b in greedy for e in b.ended.tolist()]}
+    samples = [{"prompt": p["prompt"], "response": t, "answer": p.get("answer"), "reward": r}
+               for p, t, r in zip(mine, texts, raw)][:8]
+    if cfg.data.eval_samples:
+        # A fixed seed and the training RNG untouched: every evaluation draws alike, and a
+        # resumed run continues exactly.
+        reps = [p for p in mine for _ in range(cfg.data.eval_samples)]
+        with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+            torch.manual_seed(cfg.run.seed * 1000 + d.rank)
+            sampled = [rollout(m, reps[i:i + mb], cfg, d) for i in range(0, len(reps), mb)]
+        out["rl/sampled_reward"] = [r for b in sampled for r in b.raw.tolist()]
+        stexts = [t for b in sampled for t in b.texts]
+    # Sums over every rank, then means: each figure is over all held-out responses.
+    fams = tuple(sorted({p.get("task", "?") for p in prompts if "answer" in p}))
+    sums = {f"{k}:sum": sum(v) for k, v in out.items()} | {f"{k}:n": len(v) for k, v in out.items()}
+    counts = gold_counts(mine, texts, "gold/accuracy", fams)
+    if cfg.data.eval_samples:
+        counts |= gold_counts(reps, stexts, "gold/sampled_accuracy", fams)
+    total = sum_all({**sums, **counts})
+    res = {k: total[f"{k}:sum"] / max(total[f"{k}:n"], 1) for k in out}
+    res |= accuracies({k: total[k] for k in counts})
+    res["gold/n"] = int(total["gold/accuracy:n"])
+    if cfg.data.eval_samples:
+        res["gold/sampled_n"] = int(total["gold/sampled_accuracy:n"])
+    return {**dict(sorted(res.items())), "samples": samples}
 
 
 def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
@@ -274,9 +302,7 @@ def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
     reward model. Greedy and sampled responses apart, because a policy can keep its greedy
     answers and hack in the samples, or the reverse."""
     out = []
-    for mode, r, g, n in (("greedy", "reward", "gold_accuracy", "n_gold"),
-                          ("sampled", "sampled_reward", "sampled_gold_accuracy",
-                           "n_sampled_gold")):
+    for mode, r, g, n in MODES:
         if not all(k in m for k in (r, g) for m in (before, after)):
             continue
         gold, real = accuracy_change(before[g], after[g], after.get(n, 0))
@@ -285,46 +311,59 @@ def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
     return out
 
 
-def by_family(m: dict) -> str:
-    return " ".join(f"{k[5:]} {v:.2f}" for k, v in sorted(m.items()) if k.startswith("gold_")
-                    and k != "gold_accuracy")
+# (responses, RM reward, gold accuracy, number of checks) of both evaluation modes
+MODES = (("greedy", "rl/reward", "gold/accuracy", "gold/n"),
+         ("sampled", "rl/sampled_reward", "gold/sampled_accuracy", "gold/sampled_n"))
 
 
-def sampled(m: dict, before: dict | None = None) -> str:
-    if "sampled_reward" not in m:
-        return ""
-    pairs = [(k, m[k], before[k] if before else None) for k in ("sampled_reward",
-             "sampled_gold_accuracy") if k in m]
-    return "; sampled: " + ", ".join(
-        f"{k[8:].replace('_', ' ')} " + (f"{b:.3f} -> " if b is not None else "") + f"{v:.3f}"
-        for k, v, b in pairs)
+def headline(m: dict, cfg: PPOConfig) -> dict:
+    """PPO against SFT on held-out prompts: responses sampled as in training (what PPO
+    optimizes) and greedy ones (their mode); a gold change within the noise is called so."""
+    parts = []
+    for mode, r, g, n in reversed(MODES):
+        if g not in m or M.BASELINE + g not in m:
+            continue
+        delta, real = accuracy_change(m[M.BASELINE + g], m[g], m.get(n, 0))
+        verdict = ("raised" if delta > 0 else "LOWER") if real else "within noise"
+        label = f"sampled at T {cfg.rollout.temperature:g}" if mode == "sampled" else mode
+        parts.append(f"{label}: RM reward {m[M.BASELINE + r]:.3f} -> {m[r]:.3f}, gold accuracy "
+                     f"{m[M.BASELINE + g]:.3f} -> {m[g]:.3f} ({verdict})")
+    text = ("; ".join(parts) + f"; KL {m['rl/kl']:.3f} (target {cfg.kl.target:.1f})"
+            + ("; REWARD HACKING" if m["rl/reward_hacking"] else "")
+            + ("; trained on the checker's reward" if cfg.ppo.reward_source == "checker" else ""))
+    metric = "gold/sampled_accuracy" if "gold/sampled_accuracy" in m else "gold/accuracy"
+    return M.headline(metric, m.get(metric), baseline=m.get(M.BASELINE + metric),
+                      verdict="REWARD HACKING" if m["rl/reward_hacking"] else None,
+                      target=cfg.kl.target, text=text)
+
+
+def families(m: dict) -> str:
+    return " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in m.items()
+                    if k.startswith("gold/accuracy/"))
 
 
 # --- the stage ----------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, cfg_path, overrides = parse_stage_args(PPOConfig, sys.argv[1:] if argv is None else argv)
-    t_start = time.time()
-    store = ArtifactStore(cfg.run.store)
+    # --- setup: config, the checks that fail in a second, the ranks --------------------------
+    run = S.start(PPOConfig, "ppo", argv)
+    cfg, store = run.cfg, run.store
     actor_art, reward_art = preflight(cfg, store)
-    d = E.init_distributed()
-    E.seed_all(cfg.run.seed)
-    data_digest = E.on_rank0(lambda: get_example_set(cfg.data.prompts, store).digest, d)
-    data_art = store.get(data_digest)
+    d = S.join(run)
+
+    # --- data: rank 0 builds (or reuses) the prompt set; none may be too long ---------------
+    data_art = store.get(E.on_rank0(lambda: get_example_set(cfg.data.prompts, store).digest, d))
     tok = load_tokenizer(actor_art.local_path())
     train_prompts = read_jsonl(data_art.local_path() / "train.jsonl")
     eval_prompts = read_jsonl(data_art.local_path() / "eval.jsonl")[: cfg.data.eval_prompts]
     check_prompts(train_prompts + eval_prompts, tok, cfg, cfg.data.prompts)
-    parents = [{"role": "actor", "digest": actor_art.digest},
-               {"role": "reward", "digest": reward_art.digest},
-               {"role": "prompts", "digest": data_art.digest}]
-    key = input_key("ppo", resolved(cfg), parents)
-    if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
-        E.shutdown(d)
+    if S.reused(run, [S.parent("actor", actor_art.digest), S.parent("reward", reward_art.digest),
+                      S.parent("prompts", data_art.digest)]):
         return
+    run.mark("data")
 
+    # --- models: actor and reference from SFT, critic and reward from the RM ---------------
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    stats = json.loads((reward_art.local_path() / "reward_stats.json").read_text())
     torch.manual_seed(cfg.run.seed)
     load = dict(dtype=torch.float32)
     actor = engine(AutoModelForCausalLM.from_pretrained(actor_art.local_path(), **load),
@@ -335,31 +374,33 @@ def main(argv: list[str] | None = None) -> None:
                  None, cfg.frozen_offload)
     reward = engine(AutoModelForSequenceClassification.from_pretrained(
         reward_art.local_path(), **load), cfg, d, None, cfg.frozen_offload)
-    kl_ctl = L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon)
+    m = Models(actor, critic, ref, reward, tok,
+               json.loads((reward_art.local_path() / "reward_stats.json").read_text()),
+               L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon))
 
-    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
-    ckpt = work / "checkpoints"
-    metrics = E.Metrics(d, work)
+    # --- resume: actor, critic, KL controller, step and RNG; the SFT baseline measured once --
+    ckpt = run.work / "checkpoints"
+    metrics = E.Metrics(d, run.work)
     engines = {"actor": actor, "critic": critic}
     client = E.load_checkpoint(engines, ckpt, d) if cfg.checkpoint.resume else None
     start = client["step"] if client else 0
     if client:
-        kl_ctl.load_state_dict(client["kl"])
+        m.kl_ctl.load_state_dict(client["kl"])
         E.log(d, f"resumed from {ckpt} at step {start}")
     per_rank = cfg.train.global_batch_size // d.world
-    E.log(d, f"ppo {cfg.run.name}: {len(train_prompts)} prompts, {per_rank} rollouts per rank "
+    E.log(d, f"ppo {run.name}: {len(train_prompts)} prompts, {per_rank} rollouts per rank "
              f"per step, {d.world} rank(s), {cfg.train.max_steps} steps")
-
-    baseline = evaluate(actor, ref, critic, reward, tok, eval_prompts, cfg, kl_ctl, stats, d) \
-        if start == 0 else None
+    baseline = evaluate(m, eval_prompts, cfg, d) if start == 0 else None
     if baseline and d.main:
-        E.log(d, f"SFT on held-out prompts: reward {baseline['reward']:.3f}, gold accuracy "
-                 f"{baseline['gold_accuracy']:.3f} ({by_family(baseline)}){sampled(baseline)}")
-        (work / "baseline.json").write_text(json.dumps(baseline, indent=2))
+        E.log(d, f"SFT on held-out prompts: reward {baseline['rl/reward']:.3f}, gold accuracy "
+                 f"{baseline['gold/accuracy']:.3f} ({families(baseline)})")
+        (run.work / "baseline.json").write_text(json.dumps(baseline, indent=2))
     if baseline is None:
-        baseline = json.loads((work / "baseline.json").read_text())
+        baseline = json.loads((run.work / "baseline.json").read_text())
     last_eval = baseline
-    t_train = time.time()
+    run.mark("models")
+
+    # --- train --------------------------------------------------------------------------------
     for step in range(start, cfg.train.max_steps):
         t0 = time.time()
         rng = np.random.default_rng([cfg.run.seed, step])
@@ -367,85 +408,67 @@ def main(argv: list[str] | None = None) -> None:
         chunk = [train_prompts[i] for i in order[d.rank * per_rank:(d.rank + 1) * per_rank]]
         actor.eval()
         critic.eval()
-        batch = rollout(actor, ref, critic, reward, tok, chunk, cfg, kl_ctl, stats, d)
+        batch = rollout(m, chunk, cfg, d)
         actor.train()
         critic.train()
         t_gen = time.time() - t0
-        upd = ppo_epochs(actor, critic, batch, cfg, rng)
-        mask = batch["mask"]
+        upd = ppo_epochs(m, batch, cfg, rng)
+        mask = batch.mask
         row = mean_all({
-            "reward": batch["raw"].mean().item(), "reward_std": batch["raw"].std().item()
-            if len(batch["raw"]) > 1 else 0.0, "score_normalized": batch["norm"].mean().item(),
-            "gold_accuracy": float(np.mean(batch["gold"])) if batch["gold"] else float("nan"),
-            "kl": batch["kl"].mean().item(), "kl_exact": batch["exact_kl"].mean().item(),
-            "response_length": mask.sum(1).mean().item(),
-            "eos_rate": batch["ended"].mean().item(),
-            "explained_variance": L.explained_variance(batch["values"], batch["returns"], mask),
-            "gen_tokens_per_s": batch["gen_tokens"] / max(batch["gen_s"], 1e-9), **upd}, d)
+            "rollout/reward": batch.raw.mean().item(),
+            "rollout/reward_std": batch.raw.std().item() if len(batch.raw) > 1 else 0.0,
+            "rollout/score": batch.norm.mean().item(),
+            "rollout/gold_accuracy": float(np.mean(batch.gold)) if batch.gold else float("nan"),
+            "rollout/kl": batch.kl.mean().item(), "rollout/kl_exact": batch.exact_kl.mean().item(),
+            "rollout/response_length": mask.sum(1).mean().item(),
+            "rollout/eos_rate": batch.ended.mean().item(),
+            "critic/explained_variance": L.explained_variance(batch.values, batch.returns, mask),
+            "perf/gen_tokens_per_s": float(mask.sum()) / max(batch.gen_s, 1e-9), **upd}, d)
         step_s = time.time() - t0
-        row.update(beta=kl_ctl.beta, step_s=step_s, generation_share=t_gen / step_s,
-                   train_tokens_per_s=float(mask.sum()) * cfg.ppo.epochs * d.world
-                   / max(step_s - t_gen, 1e-9))
-        kl_ctl.update(row["kl"], cfg.train.global_batch_size)
+        row.update({"rl/beta": m.kl_ctl.beta, "perf/step_s": step_s,
+                    "perf/generation_share": t_gen / step_s,
+                    "perf/train_tokens_per_s": float(mask.sum()) * cfg.ppo.epochs * d.world
+                    / max(step_s - t_gen, 1e-9)})
+        m.kl_ctl.update(row["rollout/kl"], cfg.train.global_batch_size)
         done = step + 1
         if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
-            last_eval = evaluate(actor, ref, critic, reward, tok, eval_prompts, cfg, kl_ctl,
-                                 stats, d)
-            row.update({f"eval_{k}": v for k, v in last_eval.items() if k != "samples"})
+            last_eval = evaluate(m, eval_prompts, cfg, d)
+            row.update({k: v for k, v in last_eval.items() if k != "samples"})
             if d.main:
-                (work / f"samples_step{done:06d}.json").write_text(
+                (run.work / f"samples_step{done:06d}.json").write_text(
                     json.dumps(last_eval["samples"], indent=2))
         if done % cfg.run.log_every == 0 or done == cfg.train.max_steps:
             metrics.log(done, **row)
-            E.log(d, f"step {done}/{cfg.train.max_steps}: reward {row['reward']:.3f} gold "
-                     f"{row['gold_accuracy']:.3f} kl {row['kl']:.3f} beta {kl_ctl.beta:.4f} "
-                     f"clipfrac {row['clipfrac']:.3f} gen {row['generation_share']:.0%}")
+            E.log(d, f"step {done}/{cfg.train.max_steps}: reward {row['rollout/reward']:.3f} "
+                     f"gold {row['rollout/gold_accuracy']:.3f} kl {row['rollout/kl']:.3f} "
+                     f"beta {m.kl_ctl.beta:.4f} clipfrac {row['policy/clipfrac']:.3f} "
+                     f"gen {row['perf/generation_share']:.0%}")
         if done % cfg.checkpoint.every_steps == 0 and done < cfg.train.max_steps:
             E.save_checkpoint(engines, ckpt, done, cfg.checkpoint.keep_last, d,
-                              {"kl": kl_ctl.state_dict()})
-    t_end_train = time.time()
+                              {"kl": m.kl_ctl.state_dict()})
+    run.mark("train")
 
-    # --- save -----------------------------------------------------------------------------
-    export = work / "export"
+    # --- evaluate: PPO against SFT, and whether the policy exploits the RM -------------------
+    samples = last_eval["samples"]
+    current = {k: v for k, v in last_eval.items() if k != "samples"}
+    # Only when the RM is what PPO maximizes can the policy exploit it.
+    hacked = reward_hacking(baseline, current) if cfg.ppo.reward_source == "rm" else []
+    counts = ("gold/n", "gold/sampled_n")
+    final = {**M.with_baseline({k: v for k, v in current.items() if k not in counts},
+                               baseline), **{k: current[k] for k in counts if k in current},
+             "rl/reward_hacking": bool(hacked), "rl/beta": m.kl_ctl.beta}
+    for mode, gained, gold_delta in hacked:
+        E.log(d, f"WARNING: reward hacking ({mode} responses): RM reward rose by "
+                 f"{gained:.3f} while gold accuracy fell by {-gold_delta:.3f}")
+
+    # --- export -------------------------------------------------------------------------------
+    export = run.work / "export"
     E.save_hf(actor, tok, export, d)
     if d.main:
-        # Only when the RM is what PPO maximizes can the policy exploit it.
-        hacked = reward_hacking(baseline, last_eval) if cfg.ppo.reward_source == "rm" else []
-        hacking = bool(hacked)
-        final = {"reward_mean": last_eval["reward"], "sft_reward_mean": baseline["reward"],
-                 "reward_source": cfg.ppo.reward_source,
-                 "gold_accuracy": last_eval["gold_accuracy"],
-                 "sft_gold_accuracy": baseline["gold_accuracy"], "kl": last_eval["kl"],
-                 "kl_target": cfg.kl.target, "eos_rate": last_eval["eos_rate"],
-                 "reward_hacking": hacking, "final_beta": kl_ctl.beta,
-                 **{k: last_eval[k] for k in ("sampled_reward", "sampled_gold_accuracy",
-                                              "n_gold", "n_sampled_gold") if k in last_eval},
-                 "sampling_temperature": cfg.rollout.temperature,
-                 **{f"sft_{k}": baseline[k] for k in ("sampled_reward", "sampled_gold_accuracy")
-                    if k in baseline},
-                 **{k: v for k, v in last_eval.items() if k.startswith("gold_") and k != "gold_accuracy"},
-                 **{f"sft_{k}": v for k, v in baseline.items() if k.startswith("gold_")
-                    and k != "gold_accuracy"}}
-        for mode, gained, gold_delta in hacked:
-            E.log(d, f"WARNING: reward hacking ({mode} responses): RM reward rose by "
-                     f"{gained:.3f} while gold accuracy fell by {-gold_delta:.3f}")
         (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
-        (export / "samples.json").write_text(json.dumps(last_eval["samples"], indent=2))
-        plots.curves(export / "train_log.jsonl", export / "curves.png", f"ppo {cfg.run.name}")
-        art = store.put(export, kind="model", stage="ppo", name=cfg.run.name, parents=parents,
-                        config=resolved(cfg), input_key=key, metrics=final, move=True,
-                        datasets={"prompts": {"digest": data_art.digest,
-                                              "train": len(train_prompts)}},
-                        timings={"train_s": t_end_train - t_train,
-                                 "total_s": time.time() - t_start},
-                        command=E.launch_command("ppo", cfg_path, overrides, cfg.deepspeed))
-        shutil.rmtree(ckpt, ignore_errors=True)
-        E.log(d, f"held-out: reward {baseline['reward']:.3f} (SFT) -> {last_eval['reward']:.3f}, "
-                 f"gold accuracy {baseline['gold_accuracy']:.3f} -> "
-                 f"{last_eval['gold_accuracy']:.3f} ({by_family(last_eval)}), KL {last_eval['kl']:.3f}"
-                 f"{sampled(last_eval, baseline)}")
-        E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
-        print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
+        (export / "samples.json").write_text(json.dumps(samples, indent=2))
+        S.export(run, export, metrics=final, headline=headline(final, cfg),
+                 datasets={"prompts": {"digest": data_art.digest, "train": len(train_prompts)}})
     metrics.close()
     E.shutdown(d)
 

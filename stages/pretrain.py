@@ -2,18 +2,21 @@
 
     deepspeed --num_gpus 2 --module stages.pretrain --config configs/tiny/pretrain.yaml [k=v ...]
 
-setup:  validate config and mixture; rank 0 trains or reuses the tokenizer and packs the dataset
-        (both artifacts, reused when their inputs are unchanged); build model and engine; resume.
-train:  next-token loss over packed BxT rows, warmup + cosine, clipping, per-domain eval,
-        checkpoints every N steps (weights, optimizer, scheduler, step, RNG), stop on NaN.
-save:   HF safetensors + tokenizer into the artifact store, parents: dataset and tokenizer.
+setup:    validate config and mixture before anything expensive.
+data:     rank 0 trains or reuses the tokenizer and packs the dataset (both artifacts, reused
+          when their inputs are unchanged); the whole stage is reused when its inputs are.
+models:   the LLaMA model from a preset (or init_from) in a DeepSpeed engine.
+resume:   weights, optimizer, scheduler, step and RNG of the last complete checkpoint.
+train:    next-token loss over packed BxT rows, warmup + cosine, clipping, per-domain eval,
+          checkpoints every N steps, stop on NaN.
+evaluate: held-out loss against the unigram model's.
+export:   HF safetensors + tokenizer into the artifact store, parents: dataset and tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,9 +27,10 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
-from stages import plots
+from stages import metrics as M
+from stages import stage as S
 from stages.artifacts import ArtifactStore, input_key, json_digest, sha256_file
-from stages.config import ConfigError, PretrainConfig, find_file, parse_stage_args, resolved
+from stages.config import ConfigError, PretrainConfig
 from stages.model import PRESETS, device_peak_flops, flops_per_token, llama_config, matmul_params
 
 
@@ -94,7 +98,7 @@ def get_tokenizer(cfg: PretrainConfig, mixture, fps: list[dict], store: Artifact
     tok.save_pretrained(out)
     art = store.put(out, kind="tokenizer", stage="pretrain", name=f"{cfg.run.name}-tokenizer",
                     parents=parents, config=spec, input_key=key, move=True,
-                    metrics={"vocab_size": len(tok)}, timings={"train_s": time.time() - t0},
+                    metrics={"data/vocab_size": len(tok)}, timings={"train_s": time.time() - t0},
                     extra={"sources": source_entries(mixture, fps)})
     return tok, art.digest
 
@@ -142,8 +146,8 @@ def get_dataset(cfg: PretrainConfig, mixture, fps, tok, tok_digest, store) -> st
     stats = build_dataset(cfg, mixture, tok, store, out)
     art = store.put(out, kind="dataset", stage="pretrain", name=f"{cfg.run.name}-data",
                     parents=parents, config=spec, input_key=key, move=True,
-                    metrics={"rows": stats["rows"], "tokens": stats["tokens"],
-                             "unigram_val_loss": stats["unigram_val_loss"]},
+                    metrics={"data/rows": stats["rows"], "data/tokens": stats["tokens"],
+                             "data/unigram_loss": stats["unigram_val_loss"]},
                     timings={"build_s": time.time() - t0},
                     extra={"mixture_stats": stats, "sources": source_entries(mixture, fps)})
     return art.digest
@@ -221,40 +225,45 @@ def evaluate(engine, val: dict[str, np.ndarray], cfg: PretrainConfig, d: E.Dist)
             acc += torch.tensor([loss.item() * len(x), len(x)], dtype=torch.float64)
         dist.all_reduce(acc)
         if acc[1] > 0:
-            out[f"val_loss/{domain}"] = (acc[0] / acc[1]).item()
+            out[f"eval/loss/{domain}"] = (acc[0] / acc[1]).item()
             total_loss, total_n = total_loss + acc[0].item(), total_n + acc[1].item()
-    out["val_loss"] = total_loss / max(total_n, 1)
-    out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+    out["eval/loss"] = total_loss / max(total_n, 1)
+    out["eval/ppl"] = math.exp(min(out["eval/loss"], 50))
     engine.train()
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, cfg_path, overrides = parse_stage_args(PretrainConfig, sys.argv[1:] if argv is None
-                                                else argv)
-    t_start = time.time()
-    store = ArtifactStore(cfg.run.store)
+    # --- setup: config, the checks that fail in a second, the ranks --------------------------
+    run = S.start(PretrainConfig, "pretrain", argv)
+    cfg, store = run.cfg, run.store
     mixture = preflight(cfg, store)
-    d = E.init_distributed()
-    E.seed_all(cfg.run.seed)
+    d = S.join(run)
 
-    # Rank 0 prepares data; the others wait and receive the artifact digests.
+    # --- data: rank 0 trains (or reuses) the tokenizer and packs the dataset -----------------
     def prepare():
         fps = [source_fingerprint(s, store) for s in mixture.sources]
         tok, tok_digest = get_tokenizer(cfg, mixture, fps, store)
         return {"tokenizer": tok_digest, "dataset": get_dataset(cfg, mixture, fps, tok,
                                                                  tok_digest, store)}
     prepared = E.on_rank0(prepare, d)
-    t_data = time.time()
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     ds_art = store.get(prepared["dataset"])
+    parents = [S.parent("dataset", ds_art.digest)]
+    if prepared["tokenizer"]:
+        parents.append(S.parent("tokenizer", prepared["tokenizer"]))
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
+        parents.append(S.parent("init", store.resolve(cfg.model.init_from)))
+    if S.reused(run, parents):
+        return
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(
         store.get(prepared["tokenizer"]).local_path() if prepared["tokenizer"]
         else model_dir(cfg.data.tokenizer or cfg.model.init_from, store))
     train_rows = D.read_rows(ds_art.local_path() / "train.parquet")
     val_rows = {p.stem: D.read_rows(p) for p in sorted((ds_art.local_path() / "val").glob("*"))}
+    run.mark("data")
 
+    # --- models: the LLaMA model and its DeepSpeed engine -------------------------------------
     torch.manual_seed(cfg.run.seed)  # same init on every rank
     if cfg.model.init_from:
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model.init_from, store),
@@ -265,7 +274,6 @@ def main(argv: list[str] | None = None) -> None:
     n_flop_params = matmul_params(model)
     fpt = flops_per_token(n_flop_params, model.config.num_hidden_layers,
                           model.config.hidden_size, cfg.data.seq_len)
-
     import deepspeed
     ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
     optimizer = E.adamw(model, cfg.optim, ds_cfg)
@@ -275,33 +283,25 @@ def main(argv: list[str] | None = None) -> None:
                                            lr_scheduler=scheduler, config=ds_cfg)
     accum = ds_cfg["gradient_accumulation_steps"]
 
-    parents = [{"role": "dataset", "digest": ds_art.digest}]
-    if prepared["tokenizer"]:
-        parents.append({"role": "tokenizer", "digest": prepared["tokenizer"]})
-    if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
-        parents.append({"role": "init", "digest": store.resolve(cfg.model.init_from)})
-    key = input_key("pretrain", resolved(cfg), parents)
-    if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
-        E.shutdown(d)
-        return
-    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
-    ckpt = work / "checkpoints"
-    metrics = E.Metrics(d, work)
+    # --- resume: weights, optimizer, scheduler, step and RNG of the last complete checkpoint --
+    ckpt = run.work / "checkpoints"
+    metrics = E.Metrics(d, run.work)
     client = E.load_checkpoint({"model": engine}, ckpt, d) if cfg.checkpoint.resume else None
     start = client["step"] if client else 0
     if client:
         E.log(d, f"resumed from {ckpt} at step {start}")
-    E.log(d, f"pretrain {cfg.run.name}: {n_flop_params / 1e6:.2f}M params, {len(train_rows)} "
+    E.log(d, f"pretrain {run.name}: {n_flop_params / 1e6:.2f}M params, {len(train_rows)} "
              f"rows x {cfg.data.seq_len}, {d.world} rank(s), accum {accum}, "
              f"precision {E.precision(cfg.deepspeed)}, ZeRO {engine.zero_optimization_stage()}")
+    run.mark("models")
 
+    # --- train --------------------------------------------------------------------------------
     peak = device_peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not d.main, desc="pretrain",
                unit="step", mininterval=1 if sys.stderr.isatty() else 10, file=sys.stderr)
     last_eval: dict = {}
-    t_train = time.time()
     for step in range(start, cfg.train.max_steps):
         t0 = time.time()
         step_loss = 0.0
@@ -325,52 +325,48 @@ def main(argv: list[str] | None = None) -> None:
             step_loss += mean / accum
         dt = time.time() - t0
         done = step + 1
-        row = {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "step_s": dt,
-               "tokens_per_s": tokens_per_step / dt, "flops_per_s": fpt * tokens_per_step / dt}
+        row = {"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
+               "perf/step_s": dt, "perf/tokens_per_s": tokens_per_step / dt,
+               "perf/flops_per_s": fpt * tokens_per_step / dt}
         grad_norm = engine.get_global_grad_norm()   # None under ZeRO-0: DeepSpeed drops it
         if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
+            row["train/grad_norm"] = float(grad_norm)
         if peak:
-            row["mfu"] = row["flops_per_s"] / (peak * d.world)
+            row["perf/mfu"] = row["perf/flops_per_s"] / (peak * d.world)
         if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
             last_eval = evaluate(engine, val_rows, cfg, d)
             row.update(last_eval)
-            E.log(d, f"step {done}: val_loss {last_eval['val_loss']:.4f} "
-                     f"ppl {last_eval['val_ppl']:.1f}")
+            E.log(d, f"step {done}: eval/loss {last_eval['eval/loss']:.4f} "
+                     f"ppl {last_eval['eval/ppl']:.1f}")
         if done % cfg.run.log_every == 0 or done == cfg.train.max_steps:
             metrics.log(done, **row)
-            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{row['perf/tokens_per_s']:.0f}")
         bar.update(1)
         if done % cfg.checkpoint.every_steps == 0 and done < cfg.train.max_steps:
             E.save_checkpoint({"model": engine}, ckpt, done, cfg.checkpoint.keep_last, d)
     bar.close()
-    t_end_train = time.time()
+    run.mark("train")
 
-    # --- save -----------------------------------------------------------------------------
-    export = work / "export"
+    # --- evaluate: the last held-out loss against the unigram model's -----------------------
+    stats = ds_art.manifest.get("mixture_stats", {})
+    unigram = stats.get("unigram_val_loss")
+    final = {**last_eval, "baseline/eval/loss": unigram, "model/params": n_flop_params,
+             "data/train_tokens": tokens_per_step * cfg.train.max_steps}
+    loss = final["eval/loss"]
+    verdict = M.verdict(loss, unigram, "lower")
+    headline = M.headline("eval/loss", loss, baseline=unigram, verdict=verdict, text=(
+        f"held-out loss {loss:.3f} (ppl {final['eval/ppl']:.1f}) {verdict} the unigram "
+        f"baseline {unigram:.3f}"))
+
+    # --- export -------------------------------------------------------------------------------
+    export = run.work / "export"
     E.save_hf(engine, tokenizer, export, d)
     if d.main:
         (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
-        stats = ds_art.manifest.get("mixture_stats", {})
-        final = {k: v for k, v in last_eval.items()}
-        final.update(train_tokens=tokens_per_step * cfg.train.max_steps,
-                     unigram_val_loss=stats.get("unigram_val_loss"),
-                     params=n_flop_params)
-        plots.curves(export / "train_log.jsonl", export / "curves.png", f"pretrain {cfg.run.name}")
-        art = store.put(export, kind="model", stage="pretrain", name=cfg.run.name,
-                        parents=parents, config=resolved(cfg), input_key=key, move=True,
-                        datasets={"train": {"digest": ds_art.digest,
-                                            "tokens_per_domain": stats.get("tokens_per_domain"),
-                                            "realized": stats.get("realized")}},
-                        metrics=final,
-                        timings={"data_s": t_data - t_start, "train_s": t_end_train - t_train,
-                                 "total_s": time.time() - t_start},
-                        command=E.launch_command("pretrain", cfg_path, overrides, cfg.deepspeed))
-        (work / "result.json").write_text(json.dumps({"digest": art.digest}))
-        # The artifact is the result now; resumable state would only fill the disk.
-        shutil.rmtree(ckpt, ignore_errors=True)
-        E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
-        print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
+        S.export(run, export, metrics=final, headline=headline,
+                 datasets={"train": {"digest": ds_art.digest,
+                                     "tokens_per_domain": stats.get("tokens_per_domain"),
+                                     "realized": stats.get("realized")}})
     metrics.close()
     E.shutdown(d)
 

@@ -2,32 +2,34 @@
 
     deepspeed --num_gpus 2 --module stages.rm --config configs/tiny/rm.yaml [k=v ...]
 
-setup:  validate config, SFT parent and preference set; rank 0 builds or reuses the set; drop
-        (and count) pairs longer than max_length; the SFT model gets a fresh scalar score head.
-train:  TRL RewardTrainer, pairwise loss -logsigmoid(chosen - rejected [- margin]) plus a small
-        centering term so rewards stay near zero; checkpoints every N steps, resumed after a kill.
-save:   HF safetensors (AutoModelForSequenceClassification) with the tokenizer; held-out pairwise
-        accuracy; mean and std of rewards over the held-out set, which PPO uses to normalize.
+setup:    validate config, SFT parent and preference set.
+data:     rank 0 builds or reuses the set, and samples the parent's own wrong answers as extra
+          negatives; pairs longer than max_length are dropped and counted.
+models:   the SFT model with a fresh scalar score head; TRL's RewardTrainer, pairwise loss
+          -logsigmoid(chosen - rejected [- margin]) plus a small centering term.
+resume:   the newest checkpoint the trainer wrote.
+train:    trainer.train, checkpoints every N steps.
+evaluate: held-out pairwise accuracy (by family), and the mean and std of rewards over the
+          held-out set, which PPO normalizes with.
+export:   HF safetensors (AutoModelForSequenceClassification) with the tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
-from stages import plots
-from stages.artifacts import ArtifactStore, input_key
-from stages.config import ConfigError, RMConfig, parse_stage_args, resolved
+from stages import metrics as M
+from stages import stage as S
+from stages.artifacts import ArtifactStore
+from stages.config import ConfigError, RMConfig
 from stages.examples import get_example_set, load_example_set, read_jsonl
-from stages.model import chat_length, load_tokenizer, parent_model
+from stages.model import chat_length, load_tokenizer, parent_model, rm_scores
 
 
 def preflight(cfg: RMConfig, store: ArtifactStore):
@@ -86,41 +88,20 @@ def policy_pairs(parent, tok, recs: list[dict], cfg: RMConfig, seed: int) -> lis
     return out
 
 
-@torch.no_grad()
-def score(model, tok, recs: list[dict], batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of chosen and rejected for each pair, as PPO will compute them."""
-    model.eval()
-    tok.padding_side = "right"
-    out = {"chosen": [], "rejected": []}
-    for k in out:
-        for i in range(0, len(recs), batch):
-            texts = [tok.apply_chat_template(r["prompt"] + r[k], tokenize=False)
-                     for r in recs[i:i + batch]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out[k].append(model(**enc).logits[:, 0].float())
-    return torch.cat(out["chosen"]), torch.cat(out["rejected"])
-
-
 def main(argv: list[str] | None = None) -> None:
-    cfg, cfg_path, overrides = parse_stage_args(RMConfig, sys.argv[1:] if argv is None else argv)
-    t_start = time.time()
-    store = ArtifactStore(cfg.run.store)
+    # --- setup: config, the checks that fail in a second, the ranks --------------------------
+    run = S.start(RMConfig, "rm", argv)
+    cfg, store = run.cfg, run.store
     parent = preflight(cfg, store)
-    d = E.init_distributed()
-    E.seed_all(cfg.run.seed)
-    data_digest = E.on_rank0(lambda: get_example_set(cfg.data.dataset, store).digest, d)
-    data_art = store.get(data_digest)
-    parents = [{"role": "model", "digest": parent.digest},
-               {"role": "dataset", "digest": data_art.digest}]
-    key = input_key("rm", resolved(cfg), parents)
-    if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
-        E.shutdown(d)
-        return
+    d = S.join(run)
 
+    # --- data: rank 0 builds (or reuses) the preference set and samples the parent's mistakes
+    data_art = store.get(E.on_rank0(lambda: get_example_set(cfg.data.dataset, store).digest, d))
+    if S.reused(run, [S.parent("model", parent.digest), S.parent("dataset", data_art.digest)]):
+        return
     tok = load_tokenizer(parent.local_path())
     train_raw = read_jsonl(data_art.local_path() / "train.jsonl")
     eval_raw = read_jsonl(data_art.local_path() / "eval.jsonl")[: cfg.data.eval_examples]
-    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     policy = {"train": [], "eval": []}
     if cfg.data.policy_samples:
         # Rank 0 samples once; every rank trains on the same pairs.
@@ -135,24 +116,25 @@ def main(argv: list[str] | None = None) -> None:
     families = [r.pop("family") for r in evalset]
     for r in train + policy_eval:
         r.pop("family")
-    E.log(d, f"rm {cfg.run.name}: {len(train)} train / {len(evalset)} eval pairs; dropped "
+    E.log(d, f"rm {run.name}: {len(train)} train / {len(evalset)} eval pairs; dropped "
              f"{dropped} + {dropped_eval} longer than data.max_length={cfg.data.max_length}")
     if not train or not evalset:
         raise D.DataError(f"{cfg.data.dataset}: no pairs left within data.max_length")
+    run.mark("data")
 
+    # --- models: the SFT model with a fresh scalar head; TRL's trainer -----------------------
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardConfig, RewardTrainer
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work / "tensorboard")
     model = AutoModelForSequenceClassification.from_pretrained(
         parent.local_path(), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
     prec = E.precision(cfg.deepspeed)
     args = RewardConfig(
-        output_dir=str(work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
+        output_dir=str(run.work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
         per_device_train_batch_size=cfg.train.micro_batch_size,
         per_device_eval_batch_size=cfg.train.micro_batch_size,
         gradient_accumulation_steps=ds_cfg["gradient_accumulation_steps"],
@@ -170,57 +152,67 @@ def main(argv: list[str] | None = None) -> None:
         disable_tqdm=not d.main, use_cpu=not torch.cuda.is_available())
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                             eval_dataset=Dataset.from_list(evalset), processing_class=tok)
-    last = get_last_checkpoint(str(work / "checkpoints")) if cfg.checkpoint.resume and \
-        (work / "checkpoints").is_dir() else None
+
+    # --- resume: the newest checkpoint the trainer wrote ------------------------------------
+    last = E.last_hf_checkpoint(run.work / "checkpoints") if cfg.checkpoint.resume else None
     if last:
         E.log(d, f"resumed from {last}")
-    t_train = time.time()
-    trainer.train(resume_from_checkpoint=last)
-    eval_metrics = trainer.evaluate()
-    t_end_train = time.time()
+    run.mark("models")
 
-    # --- save -----------------------------------------------------------------------------
-    export = work / "export"
+    # --- train --------------------------------------------------------------------------------
+    trainer.train(resume_from_checkpoint=last)
+    trainer.evaluate()
+    run.mark("train")
+
+    # --- evaluate and export: held-out pairs, and the reward statistics PPO normalizes with --
+    export = run.work / "export"
     trainer.save_model(str(export))
     dist.barrier()
     if d.main:
         tok.save_pretrained(export)
         result = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32)
-        chosen, rejected = score(result, tok, evalset)
+        chosen, rejected = pair_scores(result, tok, evalset)
         both = torch.cat([chosen, rejected])
         stats = {"reward_mean": both.mean().item(), "reward_std": both.std().item(),
                  "pairs": len(evalset)}
         (export / "reward_stats.json").write_text(json.dumps(stats, indent=2))
-        (export / "train_log.jsonl").write_text("".join(
-            json.dumps(r) + "\n" for r in trainer.state.log_history))
         right = (chosen > rejected).tolist()
-        by_family = {f: sum(ok for ok, g in zip(right, families) if g == f) / families.count(f)
-                     for f in sorted(set(families))}
+        final = {"eval/accuracy": (chosen > rejected).float().mean().item(),
+                 **{f"eval/accuracy/{f}": sum(ok for ok, g in zip(right, families) if g == f)
+                    / families.count(f) for f in sorted(set(families))}}
         if policy_eval:  # held-out wrong answers the SFT model actually gives
-            pc, pr = score(result, tok, policy_eval)
-            by_family["policy_samples"] = (pc > pr).float().mean().item()
+            pc, pr = pair_scores(result, tok, policy_eval)
+            final["eval/accuracy/policy_samples"] = (pc > pr).float().mean().item()
             with open(export / "policy_pairs.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in policy["train"])
-        metrics = {"pairwise_accuracy": (chosen > rejected).float().mean().item(),
-                   "pairwise_accuracy_by_family": by_family,
-                   "reward_margin": (chosen - rejected).mean().item(), **stats,
-                   "eval_loss": eval_metrics.get("eval_loss"), "train_pairs": len(train),
-                   "policy_pairs": len(policy["train"]),
-                   "dropped_too_long": dropped + dropped_eval}
-        plots.curves(export / "train_log.jsonl", export / "curves.png", f"rm {cfg.run.name}")
-        art = store.put(export, kind="model", stage="rm", name=cfg.run.name, parents=parents,
-                        config=resolved(cfg), input_key=key, metrics=metrics, move=True,
-                        datasets={"train": {"digest": data_art.digest, "pairs": len(train)}},
-                        timings={"train_s": t_end_train - t_train,
-                                 "total_s": time.time() - t_start},
-                        command=E.launch_command("rm", cfg_path, overrides, cfg.deepspeed))
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        E.log(d, f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.3f} (" + " ".join(
-            f"{f} {a:.2f}" for f, a in by_family.items()) + f"); rewards "
-            f"{stats['reward_mean']:.3f} +- {stats['reward_std']:.3f}")
-        E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
-        print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
+        final.update({"rm/margin": (chosen - rejected).mean().item(),
+                      "rm/reward_mean": stats["reward_mean"], "rm/reward_std": stats["reward_std"],
+                      "data/eval_pairs": len(evalset), "data/train_pairs": len(train),
+                      "data/policy_pairs": len(policy["train"]),
+                      "data/dropped_too_long": dropped + dropped_eval})
+        run.mark("evaluate")
+        S.export(run, export, metrics=final, headline=headline(final, cfg.target_accuracy),
+                 datasets={"train": {"digest": data_art.digest, "pairs": len(train)}},
+                 train_log=E.hf_log(trainer.state.log_history))
     E.shutdown(d)
+
+
+def pair_scores(model, tok, recs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected for each conversational pair, as PPO will score them."""
+    model.eval()
+    prompts = [r["prompt"][0]["content"] for r in recs]
+    return tuple(rm_scores(model, tok, prompts, [r[k][0]["content"] for r in recs])
+                 for k in ("chosen", "rejected"))
+
+
+def headline(m: dict, target: float) -> dict:
+    acc = m["eval/accuracy"]
+    verdict = "meets" if acc >= target else "is below"
+    families = " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in m.items()
+                        if k.startswith("eval/accuracy/"))
+    return M.headline("eval/accuracy", acc, verdict=verdict, target=target, text=(
+        f"held-out pairwise accuracy {acc:.3f} ({verdict} the {target:.2f} target; {families}); "
+        f"rewards {m['rm/reward_mean']:.2f} +- {m['rm/reward_std']:.2f}"))
 
 
 if __name__ == "__main__":

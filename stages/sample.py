@@ -17,6 +17,7 @@ import textwrap
 import torch
 
 from stages.artifacts import ArtifactError, ArtifactStore
+from stages.config import ConfigError
 from stages.model import chat_prompt, load_tokenizer, parent_model
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     store = ArtifactStore(args.store)
     try:
         arts = [parent_model(store, ref, "model", causal=True) for ref in args.models]
-    except (ArtifactError, Exception) as e:  # noqa: BLE001 - a clear line, not a traceback
+    except (ArtifactError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     labels = [f"{a.manifest.get('name') or a.stage}@{a.short}" for a in arts]

@@ -2,22 +2,23 @@
 
     deepspeed --num_gpus 2 --module stages.sft --config configs/tiny/sft.yaml [k=v ...]
 
-setup:  validate config, parent artifact and dataset config; rank 0 builds or reuses the example
-        set; set the ChatML template and make <|im_end|> the EOS, so every completion ends with
-        it and PPO rollouts stop; drop (and count) examples longer than max_length.
-train:  TRL SFTTrainer on the stage's DeepSpeed config; loss on completion tokens only; packing
-        and LoRA as options; checkpoints every N steps, resumed after a kill.
-save:   HF safetensors with the tokenizer and chat template; held-out loss, and gold accuracy
-        by generation for the parent and the result.
+setup:    validate config, parent artifact and dataset config.
+data:     rank 0 builds or reuses the example set; the ChatML template with <|im_end|> as the
+          EOS, so every completion ends with it and PPO rollouts stop; examples longer than
+          max_length are dropped and counted.
+models:   the parent, measured first (held-out answer loss, gold accuracy); TRL's SFTTrainer on
+          the stage's DeepSpeed config, loss on completion tokens only, packing and LoRA.
+resume:   the newest checkpoint the trainer wrote.
+train:    trainer.train, checkpoints every N steps.
+evaluate: the result, by the same function as the parent.
+export:   HF safetensors with the tokenizer and chat template (LoRA merged; the adapter is its
+          own artifact).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,9 +26,10 @@ import torch.distributed as dist
 
 from stages import data as D
 from stages import engine as E
-from stages import plots
-from stages.artifacts import ArtifactStore, input_key
-from stages.config import ConfigError, SFTConfig, parse_stage_args, resolved
+from stages import metrics as M
+from stages import stage as S
+from stages.artifacts import ArtifactStore
+from stages.config import ConfigError, SFTConfig, resolved
 from stages.examples import get_example_set, load_example_set, read_jsonl
 from stages.model import chat_length, completion_loss, gold_accuracy, load_tokenizer, parent_model
 
@@ -79,50 +81,43 @@ def drop_too_long(recs: list[dict], tok, max_length: int) -> tuple[list[dict], i
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, cfg_path, overrides = parse_stage_args(SFTConfig, sys.argv[1:] if argv is None else argv)
-    t_start = time.time()
-    store = ArtifactStore(cfg.run.store)
+    # --- setup: config, the checks that fail in a second, the ranks --------------------------
+    run = S.start(SFTConfig, "sft", argv)
+    cfg, store = run.cfg, run.store
     parent = preflight(cfg, store)
-    d = E.init_distributed()
-    E.seed_all(cfg.run.seed)
-    data_digest = E.on_rank0(lambda: get_example_set(cfg.data.dataset, store).digest, d)
-    data_art = store.get(data_digest)
-    parents = [{"role": "model", "digest": parent.digest},
-               {"role": "dataset", "digest": data_art.digest}]
-    key = input_key("sft", resolved(cfg), parents)
-    if E.reuse_unchanged(store, cfg.run.name, key, cfg.run.force, d):
-        E.shutdown(d)
-        return
+    d = S.join(run)
 
+    # --- data: rank 0 builds (or reuses) the example set; pairs too long are dropped ---------
+    data_art = store.get(E.on_rank0(lambda: get_example_set(cfg.data.dataset, store).digest, d))
+    if S.reused(run, [S.parent("model", parent.digest), S.parent("dataset", data_art.digest)]):
+        return
     tok = chat_tokenizer(parent.local_path())
     train_raw = read_jsonl(data_art.local_path() / "train.jsonl")
     eval_raw = read_jsonl(data_art.local_path() / "eval.jsonl")
     train, dropped = drop_too_long(conversational(train_raw), tok, cfg.data.max_length)
     evalset, dropped_eval = drop_too_long(conversational(eval_raw), tok, cfg.data.max_length)
-    E.log(d, f"sft {cfg.run.name}: {len(train)} train / {len(evalset)} eval examples; dropped "
+    E.log(d, f"sft {run.name}: {len(train)} train / {len(evalset)} eval examples; dropped "
              f"{dropped} + {dropped_eval} longer than data.max_length={cfg.data.max_length}")
     if not train:
         raise D.DataError(f"{cfg.data.dataset}: every example is longer than data.max_length")
     task_eval = [r for r in eval_raw if "answer" in r][: cfg.data.eval_examples]
+    kept_eval = [r for r, c in zip(eval_raw, conversational(eval_raw))
+                 if chat_length(tok, c["prompt"] + c["completion"]) <= cfg.data.max_length]
+    run.mark("data")
 
+    # --- models: the parent, measured before any step changes it; TRL's trainer -------------
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
-    work = E.work_dir(cfg.run.name, cfg.run.work_dir, key)
     model = AutoModelForCausalLM.from_pretrained(parent.local_path(), dtype=torch.float32)
-    # The parent's numbers on the same held-out data, before any step changes the weights.
-    kept_eval = [r for r, c in zip(eval_raw, conversational(eval_raw))
-                 if chat_length(tok, c["prompt"] + c["completion"]) <= cfg.data.max_length]
-    parent_acc = gold_accuracy(model, tok, task_eval, cfg.data.eval_max_new_tokens) \
-        if d.main and task_eval else None
-    parent_loss = completion_loss(model, tok, kept_eval) if d.main else None
+    baseline = evaluate(model, tok, task_eval, kept_eval, cfg) if d.main else None
     ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
     prec = E.precision(cfg.deepspeed)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")  # transformers 5 reads it
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work / "tensorboard")  # transformers 5 reads it
     args = TRLConfig(
-        output_dir=str(work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
+        output_dir=str(run.work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
         per_device_train_batch_size=cfg.train.micro_batch_size,
         per_device_eval_batch_size=cfg.train.micro_batch_size,
         gradient_accumulation_steps=ds_cfg["gradient_accumulation_steps"],
@@ -149,19 +144,21 @@ def main(argv: list[str] | None = None) -> None:
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                          eval_dataset=Dataset.from_list(evalset), processing_class=tok,
                          peft_config=peft_config)
-    from transformers.trainer_utils import get_last_checkpoint
-    last = get_last_checkpoint(str(work / "checkpoints")) if cfg.checkpoint.resume and \
-        (work / "checkpoints").is_dir() else None
+
+    # --- resume: the newest checkpoint the trainer wrote ------------------------------------
+    last = E.last_hf_checkpoint(run.work / "checkpoints") if cfg.checkpoint.resume else None
     if last:
         E.log(d, f"resumed from {last}")
-    t_train = time.time()
-    trainer.train(resume_from_checkpoint=last)
-    eval_metrics = trainer.evaluate()
-    t_end_train = time.time()
+    run.mark("models")
 
-    # --- save -----------------------------------------------------------------------------
-    export = work / "export"
-    adapter = work / "adapter"
+    # --- train --------------------------------------------------------------------------------
+    trainer.train(resume_from_checkpoint=last)
+    trainer.evaluate()
+    run.mark("train")
+
+    # --- evaluate and export: the merged model, measured as its parent was -------------------
+    export = run.work / "export"
+    adapter = run.work / "adapter"
     if cfg.lora.enabled:
         trainer.model.save_pretrained(adapter)   # the adapter weights alone
         merged = trainer.model.merge_and_unload()
@@ -173,42 +170,49 @@ def main(argv: list[str] | None = None) -> None:
     if d.main:
         tok.save_pretrained(export)
         result = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
-        acc = gold_accuracy(result, tok, task_eval, cfg.data.eval_max_new_tokens) \
-            if task_eval else None
-        loss = completion_loss(result, tok, kept_eval)
-        (export / "train_log.jsonl").write_text("".join(
-            json.dumps(r) + "\n" for r in trainer.state.log_history))
-        # Gold metrics only where the held-out set has checkable task prompts.
-        gold = {"gold_accuracy": acc["accuracy"], "parent_gold_accuracy": parent_acc["accuracy"],
-                "gold_accuracy_by_task": acc["by_task"], "eos_rate": acc["eos_rate"]} if acc \
-            else {}
-        metrics = {"eval_loss": eval_metrics.get("eval_loss"), "heldout_loss": loss,
-                   "parent_heldout_loss": parent_loss, **gold,
-                   "train_examples": len(train), "dropped_too_long": dropped + dropped_eval,
-                   "train_loss": next((r["train_loss"] for r in reversed(trainer.state.log_history)
-                                       if "train_loss" in r), None)}
-        if acc:
-            (export / "samples.json").write_text(json.dumps(acc["samples"], indent=2))
-        plots.curves(export / "train_log.jsonl", export / "curves.png", f"sft {cfg.run.name}")
+        current = evaluate(result, tok, task_eval, kept_eval, cfg)
+        samples = current.pop("samples", None)
+        baseline.pop("samples", None)
+        if samples:
+            (export / "samples.json").write_text(json.dumps(samples, indent=2))
+        final = {**M.with_baseline(current, baseline), "data/train_examples": len(train),
+                 "data/dropped_too_long": dropped + dropped_eval,
+                 "train/loss": next((r["train_loss"] for r in reversed(trainer.state.log_history)
+                                     if "train_loss" in r), None)}
+        run.mark("evaluate")
         extra_parents = []
         if cfg.lora.enabled:
-            ad = store.put(adapter, kind="adapter", stage="sft", name=f"{cfg.run.name}-lora",
-                           parents=parents, config=resolved(cfg))
-            extra_parents = [{"role": "adapter", "digest": ad.digest}]
-        art = store.put(export, kind="model", stage="sft", name=cfg.run.name,
-                        parents=parents + extra_parents, config=resolved(cfg), input_key=key,
-                        datasets={"train": {"digest": data_art.digest, "examples": len(train)}},
-                        metrics=metrics, move=True,
-                        timings={"train_s": t_end_train - t_train,
-                                 "total_s": time.time() - t_start},
-                        command=E.launch_command("sft", cfg_path, overrides, cfg.deepspeed))
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-        E.log(d, f"held-out answer loss {parent_loss:.4f} (parent) -> {loss:.4f}" + (
-            f"; gold accuracy {parent_acc['accuracy']:.3f} (parent) -> {acc['accuracy']:.3f}"
-            if acc else ""))
-        E.log(d, f"exported {art.kind} {cfg.run.name} {art.short} to {store.root}")
-        print(f"ALIGNFLOW_ARTIFACT={art.digest}", flush=True)
+            ad = store.put(adapter, kind="adapter", stage="sft", name=f"{run.name}-lora",
+                           parents=run.parents, config=resolved(cfg))
+            extra_parents = [S.parent("adapter", ad.digest)]
+        S.export(run, export, metrics=final, headline=headline(final), extra_parents=extra_parents,
+                 datasets={"train": {"digest": data_art.digest, "examples": len(train)}},
+                 train_log=E.hf_log(trainer.state.log_history))
     E.shutdown(d)
+
+
+def evaluate(model, tok, task_eval: list[dict], kept_eval: list[dict], cfg: SFTConfig) -> dict:
+    """Held-out answer loss, and gold accuracy by generation where the set has task prompts:
+    one function for the parent and the result, so the two compare."""
+    out = {"eval/loss": completion_loss(model, tok, kept_eval)}
+    if task_eval:
+        out.update(gold_accuracy(model, tok, task_eval, cfg.data.eval_max_new_tokens))
+    return out
+
+
+def headline(m: dict) -> dict:
+    """Gold accuracy against the parent's where the held-out set is checkable, else the
+    held-out answer loss against the parent's."""
+    if "gold/accuracy" in m:
+        acc, base = m["gold/accuracy"], m["baseline/gold/accuracy"]
+        verdict = M.verdict(acc, base, "higher")
+        return M.headline("gold/accuracy", acc, baseline=base, verdict=verdict, text=(
+            f"held-out gold accuracy {acc:.3f} {verdict} the parent's {base:.3f} (answer loss "
+            f"{m['baseline/eval/loss']:.3f} -> {m['eval/loss']:.3f})"))
+    loss, base = m["eval/loss"], m["baseline/eval/loss"]
+    verdict = M.verdict(loss, base, "lower")
+    return M.headline("eval/loss", loss, baseline=base, verdict=verdict, text=(
+        f"held-out answer loss {loss:.3f} {verdict} the parent's {base:.3f}"))
 
 
 if __name__ == "__main__":

@@ -148,6 +148,37 @@ def check(answer: str, response: str) -> bool:
     return extract_answer(response) == answer
 
 
+def gold_counts(recs: list[dict], texts: list[str], name: str = "gold/accuracy",
+                families: tuple[str, ...] = ()) -> dict[str, float]:
+    """Checker hits and checks of responses to task records (those with an answer), overall
+    and per family: `name:hits`, `name:n`, `name/<family>:hits`, ... Counts add up over ranks,
+    so a distributed evaluation sums them before `accuracies`. `families` are always present
+    (every rank must reduce the same keys)."""
+    out = {f"{name}:hits": 0.0, f"{name}:n": 0.0}
+    for f in families:
+        out[f"{name}/{f}:hits"] = out[f"{name}/{f}:n"] = 0.0
+    for r, t in zip(recs, texts):
+        if "answer" in r:
+            ok = float(check(r["answer"], t))
+            for k in (name, f"{name}/{r.get('task', '?')}"):
+                out[f"{k}:hits"] = out.get(f"{k}:hits", 0.0) + ok
+                out[f"{k}:n"] = out.get(f"{k}:n", 0.0) + 1
+    return out
+
+
+def accuracies(counts: dict[str, float]) -> dict[str, float]:
+    """Accuracies from `gold_counts` (nan where nothing was checked)."""
+    return {k[:-5]: h / counts[k[:-5] + ":n"] if counts[k[:-5] + ":n"] else float("nan")
+            for k, h in counts.items() if k.endswith(":hits")}
+
+
+def gold_metrics(recs: list[dict], texts: list[str]) -> dict:
+    """gold/accuracy, gold/accuracy/<family> and gold/n of responses to task records: the one
+    scoring that SFT and PPO's evaluation share."""
+    counts = gold_counts(recs, texts)
+    return {**dict(sorted(accuracies(counts).items())), "gold/n": int(counts["gold/accuracy:n"])}
+
+
 def accuracy_change(before: float, after: float, n: int) -> tuple[float, bool]:
     """(change, whether it exceeds the noise) of a gold accuracy measured twice on n checks: two
     standard errors of the difference. On 150 held-out prompts a change of 2 prompts (0.013)

@@ -3,9 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows import cli
 from flows.cli import main
-from flows.launch import leaked_shm
+from stages.proc import leaked_shm
 from tests.conftest import REPO
 
 
@@ -30,7 +29,8 @@ def test_models_and_versions(pipeline_store, capsys):
         ["demo-corpus", "demo-tokenizer", "demo-packed", "demo-pretrain", "demo-sft", "demo-rm",
          "demo-ppo"])
     code, out, _ = run(capsys, "--store", store.root, "models", "demo-ppo")
-    assert code == 0 and out.startswith("demo-ppo@1") and "reward_mean=1.2" in out
+    # a manifest of round 1 (flat metric names) reads under today's names
+    assert code == 0 and out.startswith("demo-ppo@1") and "rl/reward=1.2" in out
     code, out, _ = run(capsys, "--store", store.root, "models", "--json")
     assert {r["name"] for r in json.loads(out)} >= {"demo-ppo", "demo-sft"}
     code, _, err = run(capsys, "--store", store.root, "models", "nothing")
@@ -86,18 +86,3 @@ def test_gc_finds_deepspeed_buffers_no_process_uses(tmp_path):
         rank.kill()
         rank.wait()
     assert leaked_shm(tmp_path, older_than_s=0, min_age_s=0) == [used, leaked]
-
-
-def test_ppo_summary_calls_changes_within_noise_so():
-    m = {"sampled_reward": 2.153, "sft_sampled_reward": 0.508, "sampled_gold_accuracy": 0.728,
-         "sft_sampled_gold_accuracy": 0.498, "n_sampled_gold": 600, "reward_mean": 2.803,
-         "sft_reward_mean": 2.494, "gold_accuracy": 0.833, "sft_gold_accuracy": 0.847,
-         "n_gold": 150, "kl": 0.666, "kl_target": 2.0, "reward_hacking": False,
-         "sampling_temperature": 0.7}
-    line = cli._ppo_summary(m)
-    assert "sampled at T 0.7: RM reward 0.508 -> 2.153, gold accuracy 0.498 -> 0.728 (raised)" \
-        in line
-    assert "greedy: RM reward 2.494 -> 2.803, gold accuracy 0.847 -> 0.833 (within noise)" in line
-    assert "HACKING" not in line
-    worse = cli._ppo_summary({**m, "sampled_gold_accuracy": 0.40, "reward_hacking": True})
-    assert "0.498 -> 0.400 (LOWER)" in worse and worse.endswith("REWARD HACKING")

@@ -4,7 +4,6 @@ import yaml
 
 from stages import data as D
 from stages import engine as E
-from stages.artifacts import ArtifactStore
 from stages.config import ConfigError, OptimConfig, PretrainConfig, SourceConfig, load_config
 from stages.model import flops_per_token
 from tests.conftest import REPO
@@ -136,9 +135,9 @@ def test_training_curves_png(tmp_path):
     import json as _json
     from stages import plots
     log = tmp_path / "train_log.jsonl"
-    log.write_text("".join(_json.dumps({"step": s, "loss": 3 - s / 10, "kl": s / 100})
+    log.write_text("".join(_json.dumps({"step": s, "train/loss": 3 - s / 10, "rl/kl": s / 100})
                            + "\n" for s in range(1, 6)))
     out = plots.curves(log, tmp_path / "c.png", "test")
     assert out.read_bytes()[:4] == b"\x89PNG"
-    log.write_text(_json.dumps({"step": 1, "loss": 1.0}) + "\n")   # one point: nothing to draw
+    log.write_text(_json.dumps({"step": 1, "train/loss": 1.0}) + "\n")   # one point: nothing to draw
     assert plots.curves(log, tmp_path / "d.png", "test") is None

@@ -60,7 +60,8 @@ def test_pipeline_flow_chains_stages_and_publishes_lineage(harness, tmp_path):
     for name in ("tiny-pretrain", "tiny-sft", "tiny-rm", "tiny-ppo"):
         assert {f"{name}-lineage", f"{name}-metrics", f"{name}-report",
                 f"{name}-checkpoint"} <= set(got)
-    assert "| gold_accuracy |" in got["tiny-sft-report"].data
+    assert "| gold/accuracy |" in got["tiny-sft-report"].data
+    assert "held-out gold accuracy" in got["tiny-sft-report"].data   # the stage's headline
     assert "Sample generations" in got["tiny-ppo-report"].data
 
     async def progress():

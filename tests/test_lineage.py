@@ -32,7 +32,7 @@ def test_json_mermaid_dot(pipeline_store):
     assert a["corpus"].digest in ids and "source:shakespeare" in ids
     assert {"child": a["ppo"].digest, "parent": a["rm"].digest, "role": "reward"} in data["edges"]
     ppo = next(n for n in data["nodes"] if n["id"] == a["ppo"].digest)
-    assert ppo["metrics"] == {"reward_mean": 1.2, "kl": 2.0} and ppo["stage"] == "ppo"
+    assert ppo["metrics"] == {"rl/reward": 1.2, "rl/kl": 2.0} and ppo["stage"] == "ppo"
     mermaid = lineage.render_mermaid(g)
     assert mermaid.startswith("flowchart BT") and "-->|actor|" in mermaid
     assert mermaid.count("-->") == len(g.edges)

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from flows.launch import build_command, release_shm
-from stages.ppo import reward_hacking
+from flows.launch import build_command, release_job_shm
+from stages.config import PPOConfig, load_config
+from stages.ppo import headline, reward_hacking
 from tests.conftest import REPO, launch_stage
 
 STEPS = ["train.max_steps=4", "checkpoint.every_steps=2", "train.eval_every=100"]
@@ -27,23 +28,31 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
     assert roles["actor"] == store.resolve("tiny-sft") and roles["reward"] == store.resolve("tiny-rm")
     assert store.get(roles["prompts"]).manifest["name"] == "tiny-prompts"
     m = art.manifest["metrics"]
-    for k in ("reward_mean", "sft_reward_mean", "gold_accuracy", "sft_gold_accuracy", "kl",
-              "reward_hacking", "final_beta", "sampled_reward", "sft_sampled_reward",
-              "sampled_gold_accuracy", "sft_sampled_gold_accuracy"):
+    for k in ("rl/reward", "baseline/rl/reward", "gold/accuracy", "baseline/gold/accuracy",
+              "rl/kl", "rl/reward_hacking", "rl/beta", "rl/sampled_reward",
+              "baseline/rl/sampled_reward", "gold/sampled_accuracy",
+              "baseline/gold/sampled_accuracy"):
         assert k in m, k
-    assert 0 <= m["sampled_gold_accuracy"] <= 1
-    assert m["n_gold"] == 16 and m["n_sampled_gold"] == 16 * 4     # eval prompts x samples
-    assert m["kl"] >= 0                       # exact KL on greedy evaluation
+    assert 0 <= m["gold/sampled_accuracy"] <= 1
+    assert m["gold/n"] == 16 and m["gold/sampled_n"] == 16 * 4     # eval prompts x samples
+    assert m["rl/kl"] >= 0                    # exact KL on greedy evaluation
+    # per family, as SFT reports it (tasks.gold_metrics), the baseline measured alike
+    fams = {k.split("/")[-1] for k in m if k.startswith("gold/accuracy/")}
+    assert fams and all(f"baseline/gold/accuracy/{f}" in m for f in fams)
+    h = art.manifest["headline"]
+    assert h["metric"] == "gold/sampled_accuracy" and h["value"] == m["gold/sampled_accuracy"]
+    assert "greedy: RM reward" in h["text"] and "(target 6.0)" in h["text"]
     log_rows = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text()
                 .splitlines()]
     assert [r["step"] for r in log_rows] == [1, 2, 3]
     first = log_rows[0]
-    for k in ("reward", "gold_accuracy", "kl", "entropy", "clipfrac", "approx_kl", "value_loss",
-              "explained_variance", "response_length", "gen_tokens_per_s",
-              "train_tokens_per_s", "generation_share"):
+    for k in ("rollout/reward", "rollout/gold_accuracy", "rollout/kl", "policy/entropy",
+              "policy/clipfrac", "policy/approx_kl", "loss/value", "critic/explained_variance",
+              "rollout/response_length", "perf/gen_tokens_per_s", "perf/train_tokens_per_s",
+              "perf/generation_share"):
         assert k in first, k
-    assert abs(first["kl"]) < 1e-5           # the actor starts as the reference
-    assert "SFT on held-out prompts" in log and "held-out: reward" in log
+    assert abs(first["rollout/kl"]) < 1e-5   # the actor starts as the reference
+    assert "SFT on held-out prompts" in log and "greedy: RM reward" in log   # the headline
     out = subprocess.run([sys.executable, "-c",
                           "import sys; from transformers import AutoModelForCausalLM as A; "
                           "print(type(A.from_pretrained(sys.argv[1])).__name__)",
@@ -52,22 +61,41 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
 
 
 def test_reward_hacking_is_told_apart_for_greedy_and_sampled_responses():
-    sft = {"reward": 1.0, "gold_accuracy": 0.8, "sampled_reward": 0.5,
-           "sampled_gold_accuracy": 0.4}
-    n = {"n_gold": 150, "n_sampled_gold": 600}
-    honest = {"reward": 1.2, "gold_accuracy": 0.85, "sampled_reward": 0.9,
-              "sampled_gold_accuracy": 0.6, **n}
+    sft = {"rl/reward": 1.0, "gold/accuracy": 0.8, "rl/sampled_reward": 0.5,
+           "gold/sampled_accuracy": 0.4}
+    n = {"gold/n": 150, "gold/sampled_n": 600}
+    honest = {"rl/reward": 1.2, "gold/accuracy": 0.85, "rl/sampled_reward": 0.9,
+              "gold/sampled_accuracy": 0.6, **n}
     assert reward_hacking(sft, honest) == []
-    sampled_only = {**honest, "sampled_gold_accuracy": 0.3}
+    sampled_only = {**honest, "gold/sampled_accuracy": 0.3}
     [(mode, gain, gold)] = reward_hacking(sft, sampled_only)
     assert mode == "sampled" and gain == pytest.approx(0.4) and gold == pytest.approx(-0.1)
-    both = {"reward": 1.5, "gold_accuracy": 0.6, "sampled_reward": 0.6,
-            "sampled_gold_accuracy": 0.2, **n}
+    both = {"rl/reward": 1.5, "gold/accuracy": 0.6, "rl/sampled_reward": 0.6,
+            "gold/sampled_accuracy": 0.2, **n}
     assert [h[0] for h in reward_hacking(sft, both)] == ["greedy", "sampled"]
     # Two of 150 prompts lost is within the noise (2 SE = 0.09 here): no verdict.
-    assert reward_hacking(sft, {**honest, "gold_accuracy": 0.787}) == []
+    assert reward_hacking(sft, {**honest, "gold/accuracy": 0.787}) == []
     # Reward down and gold down is a worse policy, not hacking; no sampled figures, no verdict.
-    assert reward_hacking(sft, {"reward": 0.9, "gold_accuracy": 0.5, "n_gold": 150}) == []
+    assert reward_hacking(sft, {"rl/reward": 0.9, "gold/accuracy": 0.5, "gold/n": 150}) == []
+
+
+def test_headline_calls_changes_within_noise_so():
+    cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                      ["rollout.temperature=0.7", "kl.target=2.0"])
+    m = {"rl/sampled_reward": 2.153, "baseline/rl/sampled_reward": 0.508,
+         "gold/sampled_accuracy": 0.728, "baseline/gold/sampled_accuracy": 0.498,
+         "gold/sampled_n": 600, "rl/reward": 2.803, "baseline/rl/reward": 2.494,
+         "gold/accuracy": 0.833, "baseline/gold/accuracy": 0.847, "gold/n": 150,
+         "rl/kl": 0.666, "rl/reward_hacking": False}
+    h = headline(m, cfg)
+    line = h["text"]
+    assert "sampled at T 0.7: RM reward 0.508 -> 2.153, gold accuracy 0.498 -> 0.728 (raised)" \
+        in line
+    assert "greedy: RM reward 2.494 -> 2.803, gold accuracy 0.847 -> 0.833 (within noise)" in line
+    assert "KL 0.666 (target 2.0)" in line and "HACKING" not in line
+    assert h["metric"] == "gold/sampled_accuracy" and h["baseline"] == 0.498
+    worse = headline({**m, "gold/sampled_accuracy": 0.40, "rl/reward_hacking": True}, cfg)
+    assert "0.498 -> 0.400 (LOWER)" in worse["text"] and worse["text"].endswith("REWARD HACKING")
 
 
 def test_killed_ppo_resumes_to_the_same_rollouts(chain):
@@ -86,13 +114,13 @@ def test_killed_ppo_resumes_to_the_same_rollouts(chain):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    release_shm(cmd)
+    release_job_shm(cmd)
     _, log = launch_stage(root, "ppo", *STEPS, f"run.work_dir={root / 'killed'}",
                           "run.force=true")
     assert "resumed from" in log and "at step 2" in log   # the step all engines completed
     resumed = rows(next((root / "killed").glob("*/metrics.jsonl")))
     for step in (3, 4):
-        for k in ("reward", "kl", "policy_loss", "value_loss", "beta"):
+        for k in ("rollout/reward", "rollout/kl", "loss/policy", "loss/value", "rl/beta"):
             assert resumed[step][k] == pytest.approx(straight[step][k], rel=1e-4, abs=1e-6), \
                 (step, k)
 

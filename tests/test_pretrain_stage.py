@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.launch import build_command, release_shm, run_stage
+from flows.launch import build_command, release_job_shm, run_stage
 from stages.artifacts import ArtifactStore
 from tests.conftest import REPO
 
@@ -50,12 +50,14 @@ def test_two_ranks_train_export_and_generate(tmp_path):
     assert all(abs(realized[d] - weights[d]) <= 0.02 for d in weights)
     m = art.manifest
     assert m["config"]["deepspeed"]["num_gpus"] == 2 and "--module stages.pretrain" in m["command"]
-    assert m["metrics"]["val_loss"] < m["metrics"]["unigram_val_loss"] + 1.0
-    assert set(k.split("/")[1] for k in m["metrics"] if k.startswith("val_loss/")) == \
+    assert m["metrics"]["eval/loss"] < m["metrics"]["baseline/eval/loss"] + 1.0
+    assert m["headline"]["metric"] == "eval/loss" and "unigram baseline" in m["headline"]["text"]
+    assert set(k.split("/")[2] for k in m["metrics"] if k.startswith("eval/loss/")) == \
         set(weights)
     log = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
-    assert log[-1]["loss"] < log[0]["loss"] and all(r["tokens_per_s"] > 0 for r in log)
+    assert log[-1]["train/loss"] < log[0]["train/loss"] and all(r["perf/tokens_per_s"] > 0
+                                                                for r in log)
 
     # plain transformers, no alignflow and no DeepSpeed, loads and generates
     script = (
@@ -96,7 +98,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    release_shm(cmd)
+    release_job_shm(cmd)
     (latest,) = (tmp_path / "killed").glob("*/checkpoints/complete")
     killed_at = int(latest.read_text().strip().removeprefix("step"))
     assert 0 < killed_at < 24
@@ -108,7 +110,8 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     resumed = metrics_by_step(tmp_path / "killed")
     assert max(resumed) == 24
     for step in range(resumed_at + 1, 25):
-        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
+        assert resumed[step]["train/loss"] == pytest.approx(straight[step]["train/loss"],
+                                                            rel=1e-5), step
         assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-9), step
     # the tokenizer and packed dataset were built once and reused by the later launches
     assert len(store.versions("tiny-pretrain-data")) == 1
@@ -162,7 +165,7 @@ def test_zero3_and_optimizer_offload_train_the_same_model(tmp_path):
                                      "run.force=true", work=template)
         assert code == 0, out[-3000:]
         assert f"ZeRO {3 if template == 'zero3' else 2}" in out
-        losses[template] = [r["loss"] for _, r in sorted(metrics_by_step(tmp_path / template)
+        losses[template] = [r["train/loss"] for _, r in sorted(metrics_by_step(tmp_path / template)
                                                          .items())]
     for template in ("zero3", "zero2_offload"):
         assert losses[template] == pytest.approx(losses["zero2"], rel=1e-4), template

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.launch import free_port
+from stages.proc import free_port
 from flows.params import PRESETS
 from stages.artifacts import ArtifactStore
 from tests.conftest import REPO

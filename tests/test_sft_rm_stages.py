@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from stages.artifacts import ArtifactStore
 from tests.conftest import REPO, launch_stage
 
 CONFIGS = REPO / "configs" / "tiny"
@@ -25,12 +24,16 @@ def test_sft_writes_a_chat_model_whose_parent_is_its_input(chain):
     assert roles["model"] == store.resolve("tiny-pretrain")
     assert store.get(roles["dataset"]).manifest["name"] == "tiny-sft-data"
     m = art.manifest["metrics"]
-    assert {"gold_accuracy", "parent_gold_accuracy", "eval_loss", "eos_rate"} <= set(m)
-    assert m["heldout_loss"] < m["parent_heldout_loss"]     # same function, same held-out pairs
+    assert {"gold/accuracy", "baseline/gold/accuracy", "eval/loss", "gold/eos_rate"} <= set(m)
+    assert m["eval/loss"] < m["baseline/eval/loss"]     # same function, same held-out pairs
+    fams = {k.split("/")[-1] for k in m if k.startswith("gold/accuracy/")}
+    assert {"larger", "sort"} <= fams and all(f"baseline/gold/accuracy/{f}" in m for f in fams)
+    assert art.manifest["headline"]["metric"] == "gold/accuracy"
     assert (art.local_path() / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # some real FAQ answers exceed max_length=96: counted, dropped, and said in the log
-    assert m["dropped_too_long"] > 0 and m["train_examples"] + m["dropped_too_long"] >= 400
-    assert "dropped" in log and m["train_examples"] < 400
+    assert m["data/dropped_too_long"] > 0 and \
+        m["data/train_examples"] + m["data/dropped_too_long"] >= 400
+    assert "dropped" in log and m["data/train_examples"] < 400
     assert "--module stages.sft" in art.manifest["command"]
     script = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
               "p = sys.argv[1]; t = AutoTokenizer.from_pretrained(p)\n"
@@ -50,17 +53,19 @@ def test_rm_scores_pairs_and_stores_reward_statistics(chain):
     roles = {p["role"]: p["digest"] for p in art.parents}
     assert roles["model"] == store.resolve("tiny-sft")
     m = art.manifest["metrics"]
-    assert 0 <= m["pairwise_accuracy"] <= 1 and m["reward_std"] > 0
+    assert 0 <= m["eval/accuracy"] <= 1 and m["rm/reward_std"] > 0
     # one sample of the SFT model per task prompt; the wrong ones became extra pairs
-    assert 0 < m["policy_pairs"] <= 400 and m["train_pairs"] == 400 + m["policy_pairs"]
-    assert "policy_samples" in m["pairwise_accuracy_by_family"]
-    assert {"larger", "sort", "label"} <= set(m["pairwise_accuracy_by_family"])
+    assert 0 < m["data/policy_pairs"] <= 400 and \
+        m["data/train_pairs"] == 400 + m["data/policy_pairs"]
+    assert "eval/accuracy/policy_samples" in m
+    assert {f"eval/accuracy/{f}" for f in ("larger", "sort", "label")} <= set(m)
+    assert "0.85 target" in art.manifest["headline"]["text"]
     pairs = [json.loads(l) for l in (art.local_path() / "policy_pairs.jsonl").read_text()
              .splitlines()]
-    assert len(pairs) == m["policy_pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert len(pairs) == m["data/policy_pairs"] and all(p["chosen"] != p["rejected"] for p in pairs)
     assert (art.local_path() / "curves.png").read_bytes()[:4] == b"\x89PNG"
     stats = json.loads((art.local_path() / "reward_stats.json").read_text())
-    assert stats["reward_mean"] == pytest.approx(m["reward_mean"])
+    assert stats["reward_mean"] == pytest.approx(m["rm/reward_mean"])
     assert "held-out pairwise accuracy" in log
     script = ("import sys; from transformers import AutoModelForSequenceClassification as A\n"
               "m = A.from_pretrained(sys.argv[1]); print('OK', m.config.num_labels)\n")

@@ -4,7 +4,6 @@ Run once with the Python whose stdlib you want to sample (the committed files ca
     python tests/data/make_tiny_corpus.py
 Text comes from pydoc's topic pages (prose) and stdlib modules (code), PSF-licensed.
 """
-import inspect
 import json
 import sysconfig
 from pathlib import Path

@@ -1,0 +1,124 @@
+"""The plumbing every stage shares around its own phases: start, join the ranks, decide reuse,
+export. Each stage's `main()` calls these in the same order (setup -> data -> models -> resume
+-> train -> evaluate -> export); its data, models and training loop stay in the stage file.
+
+A shape shared by convention, not a base class: torchtune's recipes and OpenRLHF's train_*
+scripts do the same.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages import engine as E
+from stages import plots
+from stages.artifacts import Artifact, ArtifactStore, input_key
+from stages.config import parse_stage_args, resolved
+from stages.proc import HANDSHAKE
+
+
+@dataclass
+class Run:
+    """One launch of a stage: what its phases need, passed as one object."""
+    stage: str                      # pretrain | sft | rm | ppo
+    cfg: Any                        # the stage's validated config
+    cfg_path: Path
+    overrides: list[str]
+    store: ArtifactStore
+    started: float = field(default_factory=time.time)
+    d: E.Dist | None = None         # set by join()
+    parents: list[dict] = field(default_factory=list)   # [{"role", "digest"}], set by reused()
+    key: str = ""                   # input key: config, parents and stage code
+    work: Path | None = None        # scratch keyed by the input key: checkpoints, metrics
+    marks: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.run.name
+
+    def mark(self, phase: str) -> None:
+        """Time of the end of a phase; the manifest's timings are the gaps between marks."""
+        self.marks[phase] = time.time()
+
+
+def start(schema, stage: str, argv: list[str] | None) -> Run:
+    """Parse `--config FILE [k=v ...]` into the stage's schema and open the store."""
+    cfg, path, overrides = parse_stage_args(schema, sys.argv[1:] if argv is None else argv)
+    return Run(stage, cfg, path, overrides, ArtifactStore(cfg.run.store))
+
+
+def join(run: Run) -> E.Dist:
+    """Join the launcher's process group and seed every generator alike."""
+    run.d = E.init_distributed()
+    E.seed_all(run.cfg.run.seed)
+    return run.d
+
+
+def parent(role: str, digest: str) -> dict:
+    return {"role": role, "digest": digest}
+
+
+def announce(digest: str) -> None:
+    print(f"{HANDSHAKE}{digest}", flush=True)
+
+
+def reused(run: Run, parents: list[dict]) -> bool:
+    """Fix the run's parents and input key. True when an intact artifact with exactly these
+    inputs exists: rank 0 registers it under the run's name and announces it, and every rank
+    leaves. Otherwise the run gets its work directory."""
+    run.parents = parents
+    run.key = input_key(run.stage, resolved(run.cfg), parents)
+    d = run.d
+    if not run.cfg.run.force:
+        def find() -> bool:
+            hit = run.store.find_by_inputs(run.key)
+            if hit is not None:
+                run.store.tag(run.name, hit.digest)
+                E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} "
+                         f"(run.force=true retrains)")
+                announce(hit.digest)
+            return hit is not None
+        if E.on_rank0(find, d):
+            E.shutdown(d)
+            return True
+    run.work = E.work_dir(run.name, run.cfg.run.work_dir, run.key)
+    return False
+
+
+def timings(run: Run) -> dict:
+    """Seconds per phase from the marks, in the order they were set, and the total."""
+    out, last = {}, run.started
+    for phase, t in run.marks.items():
+        out[f"{phase}_s"] = t - last
+        last = t
+    out["total_s"] = time.time() - run.started
+    return out
+
+
+def export(run: Run, out: Path, *, metrics: dict, headline: dict, datasets: dict,
+           extra_parents: list[dict] = (), train_log: list[dict] | None = None) -> Artifact:
+    """Rank 0: the exported directory `out` becomes the stage's model artifact. The training
+    curves go in with it; the manifest carries the metrics and the stage's own headline, which
+    every consumer (CLI, Prefect report, lineage) shows without knowing the stage."""
+    if train_log is not None:
+        (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_log))
+    plots.curves(out / "train_log.jsonl", out / "curves.png", f"{run.stage} {run.name}")
+    art = run.store.put(out, kind="model", stage=run.stage, name=run.name,
+                        parents=run.parents + list(extra_parents), config=resolved(run.cfg),
+                        input_key=run.key, move=True, datasets=datasets, metrics=metrics,
+                        timings=timings(run), extra={"headline": headline},
+                        command=E.launch_command(run.stage, run.cfg_path, run.overrides,
+                                                 run.cfg.deepspeed))
+    (run.work / "result.json").write_text(json.dumps({"digest": art.digest}))
+    # The artifact is the result now; resumable state would only fill the disk.
+    shutil.rmtree(run.work / "checkpoints", ignore_errors=True)
+    E.log(run.d, headline["text"])
+    E.log(run.d, f"exported {art.kind} {run.name} {art.short} to {run.store.root}")
+    announce(art.digest)
+    return art
