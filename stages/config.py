@@ -138,13 +138,24 @@ class CheckpointConfig(Strict):
     resume: bool = Field(True, description="Continue from the newest checkpoint in work_dir.")
 
 
-def _check_batch(train: TrainConfig, ds: DeepSpeedConfig) -> None:
-    per_step = train.micro_batch_size * ds.world_size
-    if train.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size={train.global_batch_size} does not divide over "
-            f"{ds.world_size} rank(s) x micro_batch_size {train.micro_batch_size}; use a "
-            f"multiple of {per_step}")
+class StageConfig(Strict):
+    """The sections every stage has; each stage's schema adds its own (parents, data, method).
+    One level, for shared fields only: no behaviour lives here."""
+    run: RunConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        per_step = self.train.micro_batch_size * self.deepspeed.world_size
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} does not divide over "
+                f"{self.deepspeed.world_size} rank(s) x micro_batch_size "
+                f"{self.train.micro_batch_size}; use a multiple of {per_step}")
+        return self
 
 
 # --- data mixtures (datasets_cfg/*.yaml) ---------------------------------------------------
@@ -279,19 +290,13 @@ class PretrainDataConfig(Strict):
     val_tokens_per_domain: int = Field(16_384, gt=0, description="Held-out tokens per domain.")
 
 
-class PretrainConfig(Strict):
+class PretrainConfig(StageConfig):
     stage: Literal["pretrain"] = "pretrain"
-    run: RunConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: PretrainDataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
-    def _cross(self):
-        _check_batch(self.train, self.deepspeed)
+    def _warmup_within_steps(self):
         if self.optim.warmup_steps >= self.train.max_steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below "
                              f"train.max_steps={self.train.max_steps}")
@@ -320,22 +325,12 @@ class SFTDataConfig(Strict):
     eval_max_new_tokens: int = Field(16, gt=0, description="Generation budget per answer.")
 
 
-class SFTConfig(Strict):
+class SFTConfig(StageConfig):
     stage: Literal["sft"] = "sft"
-    run: RunConfig
     parent: str = Field(description="Causal-LM artifact ref (name@version or digest).")
     data: SFTDataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim_8bit: bool = Field(False, description="bitsandbytes 8-bit AdamW (GPU only).")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-
-    @model_validator(mode="after")
-    def _cross(self):
-        _check_batch(self.train, self.deepspeed)
-        return self
 
 
 # --- rm -----------------------------------------------------------------------------------
@@ -353,9 +348,8 @@ class RMDataConfig(Strict):
     policy_max_new_tokens: int = Field(16, gt=0)
 
 
-class RMConfig(Strict):
+class RMConfig(StageConfig):
     stage: Literal["rm"] = "rm"
-    run: RunConfig
     parent: str = Field(description="SFT artifact ref the reward model starts from.")
     data: RMDataConfig
     target_accuracy: float = Field(0.85, gt=0, le=1, description="Held-out pairwise accuracy "
@@ -363,15 +357,6 @@ class RMConfig(Strict):
                                    "it PPO mostly finds the RM's blind spots.")
     center_rewards_coefficient: float = Field(0.01, ge=0, description="Pulls mean reward to 0 so "
                                               "PPO sees rewards on a stable scale.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-
-    @model_validator(mode="after")
-    def _cross(self):
-        _check_batch(self.train, self.deepspeed)
-        return self
 
 
 # --- ppo ----------------------------------------------------------------------------------
@@ -421,29 +406,19 @@ class PPODataConfig(Strict):
         "the two can move apart, so both are reported.")
 
 
-class PPOConfig(Strict):
+class PPOConfig(StageConfig):
     stage: Literal["ppo"] = "ppo"
-    run: RunConfig
     actor: str = Field(description="SFT artifact ref: actor and frozen reference.")
     reward: str = Field(description="RM artifact ref: frozen reward model and critic init.")
     data: PPODataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
     ppo: PPOAlgoConfig = Field(default_factory=PPOAlgoConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
     critic_lr: float = Field(5e-6, gt=0)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     frozen_offload: bool = Field(False, description="Offload reference and reward engines to CPU.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-
-    @model_validator(mode="after")
-    def _cross(self):
-        _check_batch(self.train, self.deepspeed)
-        return self
 
 
-SCHEMAS: dict[str, type[Strict]] = {"pretrain": PretrainConfig, "sft": SFTConfig,
+SCHEMAS: dict[str, type[StageConfig]] = {"pretrain": PretrainConfig, "sft": SFTConfig,
                                      "rm": RMConfig, "ppo": PPOConfig}
 
 

@@ -245,6 +245,32 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, newest: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def trainer_args(run, ds_cfg: dict) -> dict:
+    """Our train/optim/checkpoint/deepspeed sections as the HF Trainer's arguments, the same
+    for every stage that runs a TRL trainer (sft, rm): warmup + cosine to min_lr_ratio as in
+    pretrain, AdamW with our betas, checkpoints every N steps in the run's work directory."""
+    cfg = run.cfg
+    prec = precision(cfg.deepspeed)
+    # transformers 5 reads the TensorBoard directory from the environment
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work / "tensorboard")
+    return dict(
+        output_dir=str(run.work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
+        per_device_train_batch_size=cfg.train.micro_batch_size,
+        per_device_eval_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=ds_cfg["gradient_accumulation_steps"],
+        max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
+        warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.optim.grad_clip, bf16=prec == "bf16", fp16=prec == "fp16",
+        gradient_checkpointing=False, logging_steps=cfg.run.log_every, eval_strategy="steps",
+        eval_steps=cfg.train.eval_every, save_strategy="steps",
+        save_steps=cfg.checkpoint.every_steps, save_total_limit=cfg.checkpoint.keep_last,
+        report_to=["tensorboard"], max_length=cfg.data.max_length, disable_tqdm=run.d.rank != 0,
+        use_cpu=not torch.cuda.is_available())
+
+
 def last_hf_checkpoint(ckpt: Path) -> str | None:
     """The newest checkpoint-N directory the HF Trainer wrote under `ckpt`, if any."""
     from transformers.trainer_utils import get_last_checkpoint

@@ -40,7 +40,7 @@ from stages import metrics as M
 from stages import stage as S
 from stages.artifacts import ArtifactStore
 from stages.config import ConfigError, PPOConfig, TrainConfig
-from stages.examples import get_example_set, load_example_set, read_jsonl
+from stages.examples import load_example_set, read_jsonl
 from stages.model import chat_prompt, decode_responses, load_tokenizer, parent_model, rm_scores
 from stages.tasks import accuracies, accuracy_change, check, gold_counts
 
@@ -346,19 +346,16 @@ def families(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     # --- setup: config, the checks that fail in a second, the ranks --------------------------
-    run = S.start(PPOConfig, "ppo", argv)
-    cfg, store = run.cfg, run.store
-    actor_art, reward_art = preflight(cfg, store)
-    d = S.join(run)
+    run, (actor_art, reward_art) = S.setup(PPOConfig, "ppo", argv, preflight)
+    cfg, d = run.cfg, run.d
 
     # --- data: rank 0 builds (or reuses) the prompt set; none may be too long ---------------
-    data_art = store.get(E.on_rank0(lambda: get_example_set(cfg.data.prompts, store).digest, d))
+    data_art = S.example_set(run, cfg.data.prompts)
     tok = load_tokenizer(actor_art.local_path())
     train_prompts = read_jsonl(data_art.local_path() / "train.jsonl")
     eval_prompts = read_jsonl(data_art.local_path() / "eval.jsonl")[: cfg.data.eval_prompts]
     check_prompts(train_prompts + eval_prompts, tok, cfg, cfg.data.prompts)
-    if S.reused(run, [S.parent("actor", actor_art.digest), S.parent("reward", reward_art.digest),
-                      S.parent("prompts", data_art.digest)]):
+    if S.reused(run, actor=actor_art.digest, reward=reward_art.digest, prompts=data_art.digest):
         return
     run.mark("data")
 

@@ -235,10 +235,8 @@ def evaluate(engine, val: dict[str, np.ndarray], cfg: PretrainConfig, d: E.Dist)
 
 def main(argv: list[str] | None = None) -> None:
     # --- setup: config, the checks that fail in a second, the ranks --------------------------
-    run = S.start(PretrainConfig, "pretrain", argv)
-    cfg, store = run.cfg, run.store
-    mixture = preflight(cfg, store)
-    d = S.join(run)
+    run, mixture = S.setup(PretrainConfig, "pretrain", argv, preflight)
+    cfg, store, d = run.cfg, run.store, run.d
 
     # --- data: rank 0 trains (or reuses) the tokenizer and packs the dataset -----------------
     def prepare():
@@ -248,12 +246,12 @@ def main(argv: list[str] | None = None) -> None:
                                                                  tok_digest, store)}
     prepared = E.on_rank0(prepare, d)
     ds_art = store.get(prepared["dataset"])
-    parents = [S.parent("dataset", ds_art.digest)]
+    parents = {"dataset": ds_art.digest}
     if prepared["tokenizer"]:
-        parents.append(S.parent("tokenizer", prepared["tokenizer"]))
+        parents["tokenizer"] = prepared["tokenizer"]
     if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
-        parents.append(S.parent("init", store.resolve(cfg.model.init_from)))
-    if S.reused(run, parents):
+        parents["init"] = store.resolve(cfg.model.init_from)
+    if S.reused(run, **parents):
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(

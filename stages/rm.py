@@ -17,7 +17,6 @@ export:   HF safetensors (AutoModelForSequenceClassification) with the tokenizer
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,7 @@ from stages import metrics as M
 from stages import stage as S
 from stages.artifacts import ArtifactStore
 from stages.config import ConfigError, RMConfig
-from stages.examples import get_example_set, load_example_set, read_jsonl
+from stages.examples import load_example_set, read_jsonl
 from stages.model import chat_length, load_tokenizer, parent_model, rm_scores
 
 
@@ -90,14 +89,12 @@ def policy_pairs(parent, tok, recs: list[dict], cfg: RMConfig, seed: int) -> lis
 
 def main(argv: list[str] | None = None) -> None:
     # --- setup: config, the checks that fail in a second, the ranks --------------------------
-    run = S.start(RMConfig, "rm", argv)
-    cfg, store = run.cfg, run.store
-    parent = preflight(cfg, store)
-    d = S.join(run)
+    run, parent = S.setup(RMConfig, "rm", argv, preflight)
+    cfg, d = run.cfg, run.d
 
     # --- data: rank 0 builds (or reuses) the preference set and samples the parent's mistakes
-    data_art = store.get(E.on_rank0(lambda: get_example_set(cfg.data.dataset, store).digest, d))
-    if S.reused(run, [S.parent("model", parent.digest), S.parent("dataset", data_art.digest)]):
+    data_art = S.example_set(run, cfg.data.dataset)
+    if S.reused(run, model=parent.digest, dataset=data_art.digest):
         return
     tok = load_tokenizer(parent.local_path())
     train_raw = read_jsonl(data_art.local_path() / "train.jsonl")
@@ -127,41 +124,19 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work / "tensorboard")
     model = AutoModelForSequenceClassification.from_pretrained(
         parent.local_path(), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
     ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
-    prec = E.precision(cfg.deepspeed)
-    args = RewardConfig(
-        output_dir=str(run.work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
-        per_device_train_batch_size=cfg.train.micro_batch_size,
-        per_device_eval_batch_size=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=ds_cfg["gradient_accumulation_steps"],
-        max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
-        warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay,
-        adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps,
-        max_grad_norm=cfg.optim.grad_clip, bf16=prec == "bf16", fp16=prec == "fp16",
-        gradient_checkpointing=False, logging_steps=cfg.run.log_every, eval_strategy="steps",
-        eval_steps=cfg.train.eval_every, save_strategy="steps",
-        save_steps=cfg.checkpoint.every_steps, save_total_limit=cfg.checkpoint.keep_last,
-        report_to=["tensorboard"], max_length=cfg.data.max_length,
-        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
-        disable_tqdm=not d.main, use_cpu=not torch.cuda.is_available())
+    args = RewardConfig(**E.trainer_args(run, ds_cfg),
+                        center_rewards_coefficient=cfg.center_rewards_coefficient or None)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                             eval_dataset=Dataset.from_list(evalset), processing_class=tok)
 
-    # --- resume: the newest checkpoint the trainer wrote ------------------------------------
-    last = E.last_hf_checkpoint(run.work / "checkpoints") if cfg.checkpoint.resume else None
-    if last:
-        E.log(d, f"resumed from {last}")
     run.mark("models")
 
-    # --- train --------------------------------------------------------------------------------
-    trainer.train(resume_from_checkpoint=last)
-    trainer.evaluate()
+    # --- resume and train: TRL's trainer, from the newest checkpoint it wrote ----------------
+    S.fit(trainer, run)
     run.mark("train")
 
     # --- evaluate and export: held-out pairs, and the reward statistics PPO normalizes with --

@@ -18,7 +18,6 @@ export:   HF safetensors with the tokenizer and chat template (LoRA merged; the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from stages import metrics as M
 from stages import stage as S
 from stages.artifacts import ArtifactStore
 from stages.config import ConfigError, SFTConfig, resolved
-from stages.examples import get_example_set, load_example_set, read_jsonl
+from stages.examples import load_example_set, read_jsonl
 from stages.model import chat_length, completion_loss, gold_accuracy, load_tokenizer, parent_model
 
 
@@ -82,18 +81,16 @@ def drop_too_long(recs: list[dict], tok, max_length: int) -> tuple[list[dict], i
 
 def main(argv: list[str] | None = None) -> None:
     # --- setup: config, the checks that fail in a second, the ranks --------------------------
-    run = S.start(SFTConfig, "sft", argv)
-    cfg, store = run.cfg, run.store
-    parent = preflight(cfg, store)
-    d = S.join(run)
+    run, parent = S.setup(SFTConfig, "sft", argv, preflight)
+    cfg, store, d = run.cfg, run.store, run.d
 
     # --- data: rank 0 builds (or reuses) the example set; pairs too long are dropped ---------
-    data_art = store.get(E.on_rank0(lambda: get_example_set(cfg.data.dataset, store).digest, d))
-    if S.reused(run, [S.parent("model", parent.digest), S.parent("dataset", data_art.digest)]):
+    data_art = S.example_set(run, cfg.data.dataset)
+    if S.reused(run, model=parent.digest, dataset=data_art.digest):
         return
-    tok = chat_tokenizer(parent.local_path())
     train_raw = read_jsonl(data_art.local_path() / "train.jsonl")
     eval_raw = read_jsonl(data_art.local_path() / "eval.jsonl")
+    tok = chat_tokenizer(parent.local_path())
     train, dropped = drop_too_long(conversational(train_raw), tok, cfg.data.max_length)
     evalset, dropped_eval = drop_too_long(conversational(eval_raw), tok, cfg.data.max_length)
     E.log(d, f"sft {run.name}: {len(train)} train / {len(evalset)} eval examples; dropped "
@@ -114,27 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(parent.local_path(), dtype=torch.float32)
     baseline = evaluate(model, tok, task_eval, kept_eval, cfg) if d.main else None
     ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
-    prec = E.precision(cfg.deepspeed)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.work / "tensorboard")  # transformers 5 reads it
-    args = TRLConfig(
-        output_dir=str(run.work / "checkpoints"), deepspeed=ds_cfg, seed=cfg.run.seed,
-        per_device_train_batch_size=cfg.train.micro_batch_size,
-        per_device_eval_batch_size=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=ds_cfg["gradient_accumulation_steps"],
-        max_steps=cfg.train.max_steps, learning_rate=cfg.optim.lr,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
-        warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay,
-        adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps,
-        max_grad_norm=cfg.optim.grad_clip, optim="adamw_bnb_8bit" if cfg.optim_8bit else "adamw_torch",
-        bf16=prec == "bf16", fp16=prec == "fp16", gradient_checkpointing=False,
-        logging_steps=cfg.run.log_every, eval_strategy="steps", eval_steps=cfg.train.eval_every,
-        save_strategy="steps", save_steps=cfg.checkpoint.every_steps,
-        save_total_limit=cfg.checkpoint.keep_last, report_to=["tensorboard"],
-        max_length=cfg.data.max_length,
-        packing=cfg.data.packing, completion_only_loss=cfg.data.completion_only,
-        eos_token=D.CHAT_EOS, dataset_num_proc=None, disable_tqdm=not d.main,
-        use_cpu=not torch.cuda.is_available())
+    args = TRLConfig(**E.trainer_args(run, ds_cfg),
+                     optim="adamw_bnb_8bit" if cfg.optim_8bit else "adamw_torch",
+                     packing=cfg.data.packing, completion_only_loss=cfg.data.completion_only,
+                     eos_token=D.CHAT_EOS, dataset_num_proc=None)
     peft_config = None
     if cfg.lora.enabled:
         from peft import LoraConfig
@@ -145,20 +125,15 @@ def main(argv: list[str] | None = None) -> None:
                          eval_dataset=Dataset.from_list(evalset), processing_class=tok,
                          peft_config=peft_config)
 
-    # --- resume: the newest checkpoint the trainer wrote ------------------------------------
-    last = E.last_hf_checkpoint(run.work / "checkpoints") if cfg.checkpoint.resume else None
-    if last:
-        E.log(d, f"resumed from {last}")
     run.mark("models")
 
-    # --- train --------------------------------------------------------------------------------
-    trainer.train(resume_from_checkpoint=last)
-    trainer.evaluate()
+    # --- resume and train: TRL's trainer, from the newest checkpoint it wrote ----------------
+    S.fit(trainer, run)
     run.mark("train")
 
     # --- evaluate and export: the merged model, measured as its parent was -------------------
-    export = run.work / "export"
     adapter = run.work / "adapter"
+    export = run.work / "export"
     if cfg.lora.enabled:
         trainer.model.save_pretrained(adapter)   # the adapter weights alone
         merged = trainer.model.merge_and_unload()

@@ -47,17 +47,22 @@ class Run:
         self.marks[phase] = time.time()
 
 
-def start(schema, stage: str, argv: list[str] | None) -> Run:
-    """Parse `--config FILE [k=v ...]` into the stage's schema and open the store."""
+def setup(schema, stage: str, argv: list[str] | None, preflight) -> tuple[Run, Any]:
+    """Parse `--config FILE [k=v ...]` into the stage's schema, run `preflight(cfg, store)` (every
+    check that fails in a second, before any rank starts work), then join the launcher's
+    process group and seed every generator alike. Returns the run and what preflight found."""
     cfg, path, overrides = parse_stage_args(schema, sys.argv[1:] if argv is None else argv)
-    return Run(stage, cfg, path, overrides, ArtifactStore(cfg.run.store))
-
-
-def join(run: Run) -> E.Dist:
-    """Join the launcher's process group and seed every generator alike."""
+    run = Run(stage, cfg, path, overrides, ArtifactStore(cfg.run.store))
+    checked = preflight(cfg, run.store)
     run.d = E.init_distributed()
-    E.seed_all(run.cfg.run.seed)
-    return run.d
+    E.seed_all(cfg.run.seed)
+    return run, checked
+
+
+def example_set(run: Run, path: str) -> Artifact:
+    """The example-set artifact of `path`, built (or reused) by rank 0."""
+    from stages.examples import get_example_set
+    return run.store.get(E.on_rank0(lambda: get_example_set(path, run.store).digest, run.d))
 
 
 def parent(role: str, digest: str) -> dict:
@@ -68,11 +73,11 @@ def announce(digest: str) -> None:
     print(f"{HANDSHAKE}{digest}", flush=True)
 
 
-def reused(run: Run, parents: list[dict]) -> bool:
-    """Fix the run's parents and input key. True when an intact artifact with exactly these
-    inputs exists: rank 0 registers it under the run's name and announces it, and every rank
-    leaves. Otherwise the run gets its work directory."""
-    run.parents = parents
+def reused(run: Run, **parents: str) -> bool:
+    """Fix the run's parents (role=digest) and input key. True when an intact artifact with
+    exactly these inputs exists: rank 0 registers it under the run's name and announces it,
+    and every rank leaves. Otherwise the run gets its work directory."""
+    run.parents = [parent(role, digest) for role, digest in parents.items()]
     run.key = input_key(run.stage, resolved(run.cfg), parents)
     d = run.d
     if not run.cfg.run.force:
@@ -89,6 +94,16 @@ def reused(run: Run, parents: list[dict]) -> bool:
             return True
     run.work = E.work_dir(run.name, run.cfg.run.work_dir, run.key)
     return False
+
+
+def fit(trainer, run: Run) -> None:
+    """Train an HF/TRL trainer (sft, rm) from the newest checkpoint it wrote in the run's work
+    directory, then evaluate once more so the log ends on the final model."""
+    last = E.last_hf_checkpoint(run.work / "checkpoints") if run.cfg.checkpoint.resume else None
+    if last:
+        E.log(run.d, f"resumed from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    trainer.evaluate()
 
 
 def timings(run: Run) -> dict:
