@@ -37,7 +37,8 @@ def main() -> None:
 
     from flows.launch import build_command, run_stage
     from common import machine_info, save
-    from stages.config import PPOConfig, load_config
+    from stages.config import PPOConfig
+    from stages.configfile import load_config
 
     work = Path(tempfile.mkdtemp(prefix="alignflow-bench-ppo-"))
     home = os.environ.get("ALIGNFLOW_HOME", str(REPO / ".alignflow"))

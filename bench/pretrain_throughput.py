@@ -31,7 +31,8 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from stages import data as D, engine as E
 from stages.artifacts import ArtifactStore
-from stages.config import PretrainConfig, load_config
+from stages.config import PretrainConfig
+from stages.configfile import load_config
 from stages.model import llama_config
 from stages.pretrain import batch_rows
 
@@ -81,7 +82,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from flows.launch import build_command, run_stage
-    from stages.config import PretrainConfig, load_config
+    from stages.config import PretrainConfig
+    from stages.configfile import load_config
     from stages.corpus import build_corpus
     from stages.artifacts import ArtifactStore
 

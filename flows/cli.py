@@ -10,7 +10,8 @@ import time
 
 from stages import lineage
 from stages.artifacts import ArtifactError, ArtifactStore, default_home, default_store_root
-from stages.config import STAGES, ConfigError
+from stages.config import STAGES
+from stages.configfile import ConfigError
 from stages.metrics import KEY_METRICS, canonical, headline_of
 from stages.proc import leaked_shm
 

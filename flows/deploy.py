@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field
 
 from flows.params import PRESETS
-from stages.config import ConfigError, Strict, load_config
+from stages.configfile import ConfigError, Strict, load_config
 
 
 class ScheduleEntry(Strict):

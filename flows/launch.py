@@ -16,8 +16,9 @@ from typing import Callable
 import yaml
 
 from stages.artifacts import ArtifactError, ArtifactStore, code_fingerprint, json_digest
-from stages.config import REPO_ROOT as REPO
-from stages.config import SCHEMAS, find_file, load_config, resolved
+from stages.config import SCHEMAS
+from stages.configfile import REPO_ROOT as REPO
+from stages.configfile import find_file, load_config, resolved
 from stages.proc import HANDSHAKE, free_port, release_shm
 
 

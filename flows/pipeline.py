@@ -187,7 +187,8 @@ def rm_flow(params: StageParams = StageParams(config="configs/demo/rm.yaml"),
 def validate(params: PipelineParams) -> None:
     """Load every stage's config with its overrides: a typo in the last stage fails now, not
     after the first stages have trained."""
-    from stages.config import SCHEMAS, ConfigError, load_config
+    from stages.config import SCHEMAS
+    from stages.configfile import ConfigError, load_config
     if not params.stages():
         raise ConfigError(f"from_stage={params.from_stage}: that stage has no parameters")
     for stage in params.stages():

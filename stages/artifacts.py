@@ -38,7 +38,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stages.config import REPO_ROOT
+from stages.configfile import REPO_ROOT
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1

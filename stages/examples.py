@@ -15,7 +15,8 @@ from pathlib import Path
 
 from stages import sources, tasks
 from stages.artifacts import ArtifactStore, default_home, input_key, json_digest, sha256_file
-from stages.config import ExampleSetConfig, ExampleSource, load_config
+from stages.configfile import load_config
+from stages.datacfg import ExampleSetConfig, ExampleSource
 from stages.data import DataError, source_files
 
 

@@ -84,7 +84,7 @@ def torch_no_grad(fn):
 def parent_model(store, ref: str, role: str, causal: bool = True, stages: tuple = ()):
     """A verified model artifact of the right kind, or a ConfigError naming what is wrong."""
     import json
-    from stages.config import ConfigError
+    from stages.configfile import ConfigError
     art = store.get(ref)
     if art.kind != "model":
         raise ConfigError(f"{role} '{ref}' is a {art.kind} artifact; a model is needed")

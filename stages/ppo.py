@@ -39,7 +39,8 @@ from stages import losses as L
 from stages import metrics as M
 from stages import stage as S
 from stages.artifacts import ArtifactStore
-from stages.config import ConfigError, PPOConfig, TrainConfig
+from stages.config import PPOConfig, TrainConfig
+from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
 from stages.model import chat_prompt, decode_responses, load_tokenizer, parent_model, rm_scores
 from stages.tasks import accuracies, accuracy_change, check, gold_counts

@@ -30,7 +30,8 @@ from stages import engine as E
 from stages import metrics as M
 from stages import stage as S
 from stages.artifacts import ArtifactStore, input_key, json_digest, sha256_file
-from stages.config import ConfigError, PretrainConfig
+from stages.config import PretrainConfig
+from stages.configfile import ConfigError
 from stages.model import PRESETS, device_peak_flops, flops_per_token, llama_config, matmul_params
 
 

@@ -26,7 +26,8 @@ from stages import engine as E
 from stages import metrics as M
 from stages import stage as S
 from stages.artifacts import ArtifactStore
-from stages.config import ConfigError, RMConfig
+from stages.config import RMConfig
+from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
 from stages.model import chat_length, load_tokenizer, parent_model, rm_scores
 

@@ -17,7 +17,7 @@ import textwrap
 import torch
 
 from stages.artifacts import ArtifactError, ArtifactStore
-from stages.config import ConfigError
+from stages.configfile import ConfigError
 from stages.model import chat_prompt, load_tokenizer, parent_model
 
 

@@ -28,7 +28,8 @@ from stages import engine as E
 from stages import metrics as M
 from stages import stage as S
 from stages.artifacts import ArtifactStore
-from stages.config import ConfigError, SFTConfig, resolved
+from stages.config import SFTConfig
+from stages.configfile import ConfigError, resolved
 from stages.examples import load_example_set, read_jsonl
 from stages.model import chat_length, completion_loss, gold_accuracy, load_tokenizer, parent_model
 

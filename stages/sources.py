@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from stages import corpus as C
-from stages.config import ConfigError
+from stages.configfile import ConfigError
 
 # Licenses that allow any use with attribution. Matched against the license lines of LICENSE.md.
 ALLOWED_LICENSES = ("MIT", "Apache", "CC0", "Public Domain", "Creative Commons Attribution 4.0",

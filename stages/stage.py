@@ -19,7 +19,7 @@ from typing import Any
 from stages import engine as E
 from stages import plots
 from stages.artifacts import Artifact, ArtifactStore, input_key
-from stages.config import parse_stage_args, resolved
+from stages.configfile import parse_stage_args, resolved
 from stages.proc import HANDSHAKE
 
 
@@ -78,7 +78,7 @@ def reused(run: Run, **parents: str) -> bool:
     exactly these inputs exists: rank 0 registers it under the run's name and announces it,
     and every rank leaves. Otherwise the run gets its work directory."""
     run.parents = [parent(role, digest) for role, digest in parents.items()]
-    run.key = input_key(run.stage, resolved(run.cfg), parents)
+    run.key = input_key(run.stage, resolved(run.cfg), run.parents)
     d = run.d
     if not run.cfg.run.force:
         def find() -> bool:

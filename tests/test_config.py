@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import (SCHEMAS, ConfigError, PretrainConfig, load_config, parse_stage_args,
-                           resolved)
+from stages.config import SCHEMAS, PretrainConfig
+from stages.configfile import ConfigError, load_config, parse_stage_args, resolved
 from tests.conftest import REPO
 
 TINY = REPO / "configs" / "tiny" / "pretrain.yaml"

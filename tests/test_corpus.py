@@ -10,7 +10,7 @@ import yaml
 
 from stages import corpus as C
 from stages.artifacts import ArtifactStore
-from stages.config import ConfigError
+from stages.configfile import ConfigError
 
 
 def ex(**kw):

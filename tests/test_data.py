@@ -4,7 +4,9 @@ import yaml
 
 from stages import data as D
 from stages import engine as E
-from stages.config import ConfigError, OptimConfig, PretrainConfig, SourceConfig, load_config
+from stages.config import OptimConfig, PretrainConfig
+from stages.configfile import ConfigError, load_config
+from stages.datacfg import SourceConfig
 from stages.model import flops_per_token
 from tests.conftest import REPO
 

@@ -6,7 +6,7 @@ import yaml
 from stages import examples as X
 from stages import tasks
 from stages.artifacts import ArtifactStore
-from stages.config import ConfigError
+from stages.configfile import ConfigError
 from stages.data import DataError
 from tests.conftest import REPO
 

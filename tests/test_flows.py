@@ -7,7 +7,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.params import PRESETS
 from stages.artifacts import ArtifactStore
-from stages.config import ConfigError
+from stages.configfile import ConfigError
 from tests.conftest import REPO
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from flows.launch import build_command, release_job_shm
-from stages.config import PPOConfig, load_config
+from stages.config import PPOConfig
+from stages.configfile import load_config
 from stages.ppo import headline, reward_hacking
 from tests.conftest import REPO, launch_stage
 

@@ -112,7 +112,8 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     for step in range(resumed_at + 1, 25):
         assert resumed[step]["train/loss"] == pytest.approx(straight[step]["train/loss"],
                                                             rel=1e-5), step
-        assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-9), step
+        assert resumed[step]["train/lr"] == pytest.approx(straight[step]["train/lr"],
+                                                          rel=1e-9), step
     # the tokenizer and packed dataset were built once and reused by the later launches
     assert len(store.versions("tiny-pretrain-data")) == 1
     assert len(store.versions("tiny-pretrain-tokenizer")) == 1

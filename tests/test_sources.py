@@ -11,7 +11,7 @@ import yaml
 from stages import examples as X
 from stages import sources as S
 from stages.artifacts import ArtifactStore, sha256_file
-from stages.config import ConfigError
+from stages.configfile import ConfigError
 from tests.conftest import REPO
 from tests.test_corpus import make_deb
 

@@ -1,0 +1,71 @@
+"""The metric vocabulary: old manifests read under today's names, the HF Trainer's log in our
+names, gold scoring and headlines on literal figures."""
+import math
+
+import pytest
+
+from stages import metrics as M
+from stages.tasks import accuracies, gold_counts, gold_metrics
+
+
+def test_round_one_manifests_read_under_namespaced_names():
+    sft = {"gold_accuracy": 0.6, "parent_gold_accuracy": 0.2, "heldout_loss": 1.1,
+           "parent_heldout_loss": 2.0, "gold_accuracy_by_task": {"sort": 0.5}, "eval_loss": 1.2}
+    assert M.canonical(sft, "sft") == {
+        "gold/accuracy": 0.6, "baseline/gold/accuracy": 0.2, "eval/loss": 1.1,
+        "baseline/eval/loss": 2.0, "gold/accuracy/sort": 0.5, "eval_loss": 1.2}
+    # reward_mean meant the RM's score mean in rm and the held-out RM reward in ppo
+    assert M.canonical({"reward_mean": 0.1}, "rm") == {"rm/reward_mean": 0.1}
+    assert M.canonical({"reward_mean": 2.5, "sft_reward_mean": 2.0, "gold_sort": 0.9,
+                        "sft_gold_sort": 0.8}, "ppo") == {
+        "rl/reward": 2.5, "baseline/rl/reward": 2.0, "gold/accuracy/sort": 0.9,
+        "baseline/gold/accuracy/sort": 0.8}
+    assert M.canonical({"val_loss": 3.0, "val_loss/c4": 3.2, "unigram_val_loss": 5.0},
+                       "pretrain") == {"eval/loss": 3.0, "eval/loss/c4": 3.2,
+                                       "baseline/eval/loss": 5.0}
+    new = {"eval/loss": 1.0, "baseline/eval/loss": 2.0}
+    assert M.canonical(new, "sft") == new
+
+
+def test_headline_of_an_old_manifest_is_its_first_key_metric():
+    h = M.headline_of({"stage": "pretrain", "metrics": {"val_loss": 3.0,
+                                                        "unigram_val_loss": 5.0}})
+    assert h["metric"] == "eval/loss" and h["text"] == "eval/loss 3 (baseline 5)"
+    stored = M.headline("eval/loss", 1.0, "said by the stage")
+    assert M.headline_of({"headline": stored, "metrics": {}}) is stored
+    assert M.headline_of({"metrics": {}})["text"] == ""
+
+
+def test_with_baseline_and_verdict():
+    assert M.with_baseline({"a/x": 1.0}, {"a/x": 0.5, "a/y": 9.0}) == \
+        {"a/x": 1.0, "baseline/a/x": 0.5}
+    assert M.verdict(1.0, 2.0, "lower") == "beats"
+    assert M.verdict(1.0, 2.0, "higher") == "does NOT beat"
+
+
+def test_hf_trainer_log_in_our_names():
+    from stages.engine import hf_log
+    rows = hf_log([{"loss": 2.0, "learning_rate": 1e-3, "grad_norm": 0.5, "step": 1,
+                    "epoch": 0.1}, {"eval_loss": 1.9, "eval_runtime": 0.3, "step": 3},
+                   {"train_loss": 1.95, "train_runtime": 9.0, "rewards/chosen": 0.2}])
+    assert rows == [{"train/loss": 2.0, "train/lr": 1e-3, "train/grad_norm": 0.5, "step": 1,
+                     "epoch": 0.1}, {"eval/loss": 1.9, "perf/eval_runtime": 0.3, "step": 3},
+                    {"train/mean_loss": 1.95, "perf/train_runtime": 9.0,
+                     "train/rewards/chosen": 0.2}]
+
+
+def test_gold_scoring_per_family_and_summed_over_ranks():
+    recs = [{"task": "sort", "answer": "1 2"}, {"task": "sort", "answer": "2 3"},
+            {"task": "larger", "answer": "7"}, {"prompt": "open question"}]
+    texts = ["1 2", "3 2", "7.", "anything"]
+    assert gold_metrics(recs, texts) == {"gold/accuracy": pytest.approx(2 / 3),
+                                         "gold/accuracy/larger": 1.0,
+                                         "gold/accuracy/sort": 0.5, "gold/n": 3}
+    # two ranks: one saw no `larger` prompt; the keys still agree, and sums give the total
+    a = gold_counts(recs[:2], texts[:2], families=("larger", "sort"))
+    b = gold_counts(recs[2:], texts[2:], families=("larger", "sort"))
+    assert set(a) == set(b)
+    total = accuracies({k: a[k] + b[k] for k in a})
+    assert total == {"gold/accuracy": pytest.approx(2 / 3), "gold/accuracy/larger": 1.0,
+                     "gold/accuracy/sort": 0.5}
+    assert math.isnan(accuracies(gold_counts([], []))["gold/accuracy"])
