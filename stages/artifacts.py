@@ -43,6 +43,7 @@ from stages.configfile import REPO_ROOT
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 KINDS = ("corpus", "tokenizer", "dataset", "model", "adapter")   # what the stages produce
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")   # never in a model
 TRACKED_PACKAGES = ("alignflow", "torch", "transformers", "trl", "datasets", "tokenizers",
                     "deepspeed", "prefect", "pyarrow", "peft", "pydantic", "fsspec")
 _CHUNK = 1 << 20
@@ -232,6 +233,12 @@ class ArtifactStore:
         src = Path(src)
         if not src.is_dir():
             raise ArtifactError(f"{src}: artifact source must be a directory")
+        if kind in ("model", "adapter"):
+            pickles = sorted(p for p in src.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise ArtifactError(
+                    f"{pickles[0].relative_to(src)}: a pickle ({pickles[0].suffix}) in a {kind} "
+                    f"artifact; loading it could run code. Store safetensors or JSON instead")
         parents = list(parents or [])
         for p in parents:
             self.get(p["digest"], verify=False)

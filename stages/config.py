@@ -130,6 +130,9 @@ class StageConfig(Strict):
                 f"train.global_batch_size={self.train.global_batch_size} does not divide over "
                 f"{self.deepspeed.world_size} rank(s) x micro_batch_size "
                 f"{self.train.micro_batch_size}; use a multiple of {per_step}")
+        if self.optim.warmup_steps >= self.train.max_steps:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below "
+                             f"train.max_steps={self.train.max_steps}")
         return self
 
 
@@ -152,13 +155,6 @@ class PretrainConfig(StageConfig):
     stage: Literal["pretrain"] = "pretrain"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: PretrainDataConfig
-
-    @model_validator(mode="after")
-    def _warmup_within_steps(self):
-        if self.optim.warmup_steps >= self.train.max_steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below "
-                             f"train.max_steps={self.train.max_steps}")
-        return self
 
 
 # --- sft ----------------------------------------------------------------------------------
@@ -222,10 +218,21 @@ class RMConfig(StageConfig):
 class RolloutConfig(Strict):
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0, description="1.0 samples the policy PPO optimizes.")
-    top_k: int = Field(0, ge=0, description="0 disables.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="Must stay 0 (see _on_policy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Must stay 1.0 (see _on_policy).")
     missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a "
                                        "response that never ends, so PPO learns to stop.")
+
+
+    @model_validator(mode="after")
+    def _on_policy(self):
+        if self.top_k or self.top_p < 1:
+            raise ValueError(
+                f"top_k={self.top_k}, top_p={self.top_p}: PPO scores each sampled token under "
+                f"the full distribution at the temperature, so truncated sampling would train "
+                f"off-policy; keep top_k=0 and top_p=1.0 (truncate when sampling for people: "
+                f"alignflow sample --top-k/--top-p)")
+        return self
 
 
 class KLConfig(Strict):
@@ -235,6 +242,11 @@ class KLConfig(Strict):
     adaptive: bool = Field(False, description="Ziegler et al. controller towards target.")
     target: float = Field(6.0, gt=0, description="KL (nats/sequence) the controller aims for.")
     horizon: int = Field(10000, gt=0)
+    placement: Literal["reward", "loss"] = Field(
+        "reward", description="reward: -beta x KL on every response token of the reward, as "
+        "PPO for RLHF does (Ziegler et al.); with grpo/rloo the summed KL lowers the sequence's "
+        "score before the group baseline. loss: beta x k3 KL to the reference added to the "
+        "policy loss, as GRPO does; the reward is then the score alone.")
 
 
 class PPOAlgoConfig(Strict):
@@ -242,10 +254,24 @@ class PPOAlgoConfig(Strict):
     minibatch_size: int = Field(4, gt=0)
     clip_range: float = Field(0.2, gt=0)
     value_clip_range: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
     gamma: float = Field(1.0, ge=0, le=1, description="No discount: the reward arrives at the end.")
     lam: float = Field(0.95, ge=0, le=1)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="gae only: advantages normalized over "
+                                    "the whole batch (all ranks).")
+    advantage: Literal["gae", "grpo", "rloo"] = Field(
+        "gae", description="gae: a critic (from the RM) and generalized advantage estimation; "
+        "four engines. grpo: group_size samples per prompt, each scored against the group's "
+        "mean (and std, scale_rewards); rloo: against the mean of the other samples. grpo and "
+        "rloo build no critic: a third less memory and compute, and nothing to warm up; they "
+        "suit verifiable rewards and a reward model alike.")
+    group_size: int = Field(4, ge=1, description="grpo/rloo: responses sampled per prompt; "
+                            "the rollouts per rank must be a multiple.")
+    scale_rewards: bool = Field(True, description="grpo: divide by the group's std (DeepSeekMath). "
+                                "false is Dr. GRPO's choice: no weight on near-unanimous groups.")
+    loss_agg: Literal["token", "sequence", "constant"] = Field(
+        "token", description="How the policy loss averages: token (over every real token of "
+        "the batch), sequence (per response, then over responses; GRPO's paper), constant (each "
+        "response's sum over rollout.max_new_tokens; Dr. GRPO's length-unbiased loss).")
     reward_clip: float = Field(5.0, gt=0, description="Clip normalized RM scores.")
     reward_source: Literal["rm", "checker"] = Field(
         "rm", description="What PPO maximizes. rm: the reward model's normalized score (RLHF). "
@@ -253,11 +279,27 @@ class PPOAlgoConfig(Strict):
         "rewards; every prompt needs an answer). The RM scores every response either way, so "
         "a checker run is also the control that tells a PPO problem from an RM one.")
 
+    vf_coef: float | None = Field(None, description="Refused when set: the critic is its own "
+                                  "engine with its own Adam, which a loss scale does not change.")
+
+    @model_validator(mode="after")
+    def _no_vf_coef(self):
+        if self.advantage == "rloo" and self.group_size < 2:
+            raise ValueError("advantage=rloo needs group_size >= 2 (a leave-one-out baseline)")
+        if self.vf_coef is not None:
+            raise ValueError("vf_coef has no effect here: the critic is its own engine with its "
+                             "own Adam, which a constant loss scale does not change; tune "
+                             "critic_lr instead")
+        return self
+
 
 class PPODataConfig(Strict):
     prompts: str = Field(description="Prompt dataset YAML.")
     max_prompt_length: int = Field(128, gt=0)
     eval_prompts: int = Field(128, gt=0)
+    eval_split: Literal["all", "validation", "test"] = Field(
+        "all", description="Which half of the held-out prompts to evaluate on (by a hash of "
+        "the prompt, tasks.heldout_split): choose settings on validation, report test once.")
     eval_samples: int = Field(
         4, ge=0, description="Sampled responses per held-out prompt at the rollout temperature, "
         "besides the greedy one: PPO optimizes the sampled policy, a greedy user sees its mode; "

@@ -139,6 +139,10 @@ def _explain(path: Path, schema: type[BaseModel], err: ValidationError, from_cli
             lines.append(f"  {loc}: unknown field{origin}{_suggest(str(e['loc'][-1]), fields)}")
         elif e["type"] == "missing":
             lines.append(f"  {loc}: required field is missing")
+        elif isinstance(e.get("input"), dict):
+            # A rule across fields (a model validator): its input is a whole section, and the
+            # message already names the fields; the dump would only bury it.
+            lines.append(f"  {loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}")
         else:
             where = f"{loc}: " if loc else ""
             lines.append(f"  {where}got {e.get('input')!r}{origin}: {e['msg']}")

@@ -113,6 +113,19 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig
     return cfg
 
 
+def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of `model` off, in its modules and its config: RL compares the log-probs
+    of one forward pass with another's, and dropout makes the two differ by noise alone."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in list(vars(config)) if config is not None else []:
+        if "dropout" in key and isinstance(getattr(config, key), float):
+            setattr(config, key, 0.0)
+    return model
+
+
 def adamw(model: torch.nn.Module, optim: OptimConfig, ds_cfg: dict | None = None):
     """AdamW; DeepSpeed's CPU Adam when the template offloads optimizer state (DeepSpeed
     refuses a torch optimizer there: it would step on the CPU one tensor at a time)."""
@@ -272,9 +285,20 @@ def trainer_args(run, ds_cfg: dict) -> dict:
 
 
 def last_hf_checkpoint(ckpt: Path) -> str | None:
-    """The newest checkpoint-N directory the HF Trainer wrote under `ckpt`, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
-    return get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    """The newest *complete* checkpoint-N directory the HF Trainer wrote under `ckpt`: the
+    trainer writes trainer_state.json last, so a save killed half-way has none and is passed
+    over for the one before (transformers' get_last_checkpoint takes the newest whatever)."""
+    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit()) if ckpt.is_dir() else []
+    return next((str(p) for _, p in reversed(found) if (p / "trainer_state.json").is_file()),
+                None)
+
+
+def trainer_args_as_json(out: Path, args) -> None:
+    """The HF Trainer saves its arguments as a pickle (training_args.bin), which no model
+    artifact may hold: keep them as JSON."""
+    (out / "training_args.bin").unlink(missing_ok=True)
+    (out / "training_args.json").write_text(args.to_json_string())
 
 
 def hf_log(history: list[dict]) -> list[dict]:

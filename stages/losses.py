@@ -27,11 +27,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return var * n / (n - 1).clamp(min=1)   # unbiased, as torch.var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalize over the real tokens; keep the mean for rewards (shift_mean=False)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (out if shift_mean else out + mean) * mask
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+           reduce=None) -> torch.Tensor:
+    """Normalize over the real tokens; keep the mean for rewards (shift_mean=False). `reduce`
+    sums a tensor over ranks (all_reduce): the statistics are then those of the whole batch,
+    not of this rank's share, so every rank's advantages are on one scale."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if reduce is not None:
+        stats = reduce(stats)
+    s, ss, n = stats
+    mean = s / n.clamp(min=1)
+    var = ((ss - n * mean ** 2) / (n - 1).clamp(min=1)).clamp(min=0)   # unbiased, as torch.var
+    out = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)
+    return (out if shift_mean else out + mean.to(x.dtype)) * mask
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
@@ -88,13 +96,45 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
+def group_advantages(scores: torch.Tensor, group_size: int, method: str,
+                     scale: bool = True) -> torch.Tensor:
+    """Critic-free advantages of responses sampled `group_size` at a time per prompt (rows
+    i*k .. i*k+k-1 share a prompt). grpo: score minus the group mean, divided by the group's
+    std when `scale` (DeepSeekMath; Dr. GRPO drops the division); rloo: score minus the mean of
+    the *other* samples of the prompt (Ahmadian et al., 2024), an unbiased baseline."""
+    g = scores.view(-1, group_size)
+    if method == "grpo":
+        adv = g - g.mean(1, keepdim=True)
+        if scale:
+            adv = adv / (g.std(1, keepdim=True) + 1e-4)
+    elif method == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs group_size >= 2")
+        adv = g - (g.sum(1, keepdim=True) - g) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown advantage estimator {method!r}; use grpo or rloo")
+    return adv.reshape(-1)
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                mask: torch.Tensor, clip: float) -> tuple[torch.Tensor, dict]:
-    """PPO's clipped surrogate, averaged over real tokens."""
+                mask: torch.Tensor, clip: float, agg: str = "token",
+                max_len: int | None = None) -> tuple[torch.Tensor, dict]:
+    """PPO's clipped surrogate. agg: "token" averages over every real token of the batch;
+    "sequence" over each response's tokens, then over responses (GRPO's paper); "constant"
+    sums each response's tokens and divides by `max_len` for all (Dr. GRPO: no bias towards
+    short correct and long wrong answers)."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if agg == "token":
+        loss = masked_mean(per_token, mask)
+    elif agg == "sequence":
+        loss = masked_mean(per_token, mask, dim=1).mean()
+    elif agg == "constant":
+        loss = ((per_token * mask).sum(1) / max_len).mean()
+    else:
+        raise ValueError(f"unknown loss aggregation {agg!r}")
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
                  # 0.5 E[(log r)^2]: the approximate KL between the old and new policy

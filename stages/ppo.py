@@ -1,22 +1,29 @@
-"""Stage ppo: RLHF with PPO on four DeepSpeed engines: actor, critic, reference, reward.
+"""Stage ppo: RL from a reward model or a checker, with PPO's clipped updates: actor,
+critic, reference and reward as DeepSpeed engines, or without the critic for GRPO and RLOO.
 
     deepspeed --num_gpus 2 --module stages.ppo --config configs/tiny/ppo.yaml [k=v ...]
+    ... ppo.advantage=grpo ppo.group_size=8 kl.placement=loss     # critic-free, GRPO-style
 
-Our own implementation: TRL removed PPOTrainer in 2026 (huggingface/trl#7020). Built like
-DeepSpeed-Chat's step 3, with the details of "The N Implementation Details of RLHF with PPO":
-the actor and the frozen reference start from the SFT model; the critic starts from the reward
-model (its score head read per token) and the frozen reward model scores whole responses.
+Our own implementation: TRL removed PPOTrainer in 2026 (huggingface/trl#7020), and one stage
+serves all three estimators so checkpoints, resume, metrics, the reward-hacking verdict and
+lineage are the same for each. Built like DeepSpeed-Chat's step 3, with the details of "The N
+Implementation Details of RLHF with PPO": the actor and the frozen reference start from the SFT
+model; the critic starts from the reward model (its score head read per token, in the units of
+the normalized rewards) and the frozen reward model scores whole responses.
 
 setup:    validate parents (SFT actor, RM reward, same tokenizer) and the DeepSpeed template.
 data:     rank 0 builds or reuses the prompt set; none longer than the context minus the
           response.
-models:   four engines: actor and reference from SFT, critic and reward from the RM.
+models:   actor and reference from SFT (the reference is the SFT ancestor of a PPO actor),
+          reward from the RM, and for gae the critic from the RM.
 resume:   actor, critic, KL controller, step and RNG; the SFT baseline, measured on the
           held-out prompts before the first step, is kept in the work directory.
-train:    sample responses (temperature, top-k, top-p), cut after EOS, penalize responses with
+train:    sample responses at the temperature (untruncated), cut after EOS, penalize responses with
           no EOS; RM score at the last token, normalized with the RM's statistics and clipped;
-          per-token KL penalty against the reference (k1 or k3), fixed or adaptive beta; GAE
-          and whitened advantages; several epochs of clipped policy and value updates.
+          KL to the reference (k1 or k3 per token in the reward, or k3 in the loss), fixed or
+          adaptive beta; GAE with advantages whitened over all ranks, or group advantages
+          (grpo, rloo) over group_size samples per prompt; several epochs of clipped policy
+          (and value) updates.
 evaluate: held-out prompts, greedy and sampled (RM reward, gold accuracy, KL) against SFT's;
           the reward-hacking check.
 export:   the actor as an HF causal LM whose manifest names both parents.
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +50,8 @@ from stages.config import PPOConfig, TrainConfig
 from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
 from stages.model import chat_prompt, decode_responses, load_tokenizer, parent_model, rm_scores
-from stages.tasks import accuracies, accuracy_change, check, gold_counts
+from stages.tasks import (accuracies, accuracy_change, check, gold_counts, heldout_split,
+                          mcnemar_p, paired_change)
 
 
 # --- setup --------------------------------------------------------------------------------
@@ -51,6 +59,11 @@ from stages.tasks import accuracies, accuracy_change, check, gold_counts
 def preflight(cfg: PPOConfig, store: ArtifactStore):
     actor = parent_model(store, cfg.actor, "actor", causal=True, stages=("sft", "ppo"))
     reward = parent_model(store, cfg.reward, "reward", causal=False, stages=("rm",))
+    reference = reference_of(store, actor)
+    if reference.digest != actor.digest and cfg.frozen_offload:
+        raise ConfigError(f"actor '{cfg.actor}' is a PPO model: its SFT reference "
+                          f"{reference.short} generates the baseline, which frozen_offload "
+                          f"(ZeRO-3 parameter offload) does not allow; set frozen_offload=false")
     tok, rtok = load_tokenizer(actor.local_path()), load_tokenizer(reward.local_path())
     if tok.get_vocab() != rtok.get_vocab():
         raise ConfigError(f"actor '{cfg.actor}' and reward '{cfg.reward}' have different "
@@ -72,10 +85,14 @@ def preflight(cfg: PPOConfig, store: ArtifactStore):
         raise ConfigError("the actor generates every step: ZeRO-3 would gather parameters per "
                           "token; use a zero0-2 template")
     per_rank = cfg.train.global_batch_size // cfg.deepspeed.world_size
+    if cfg.ppo.advantage != "gae" and per_rank % cfg.ppo.group_size:
+        raise ConfigError(f"ppo.group_size={cfg.ppo.group_size} does not divide the {per_rank} "
+                          f"rollouts per rank (advantage={cfg.ppo.advantage} samples each "
+                          f"prompt group_size times on one rank)")
     if per_rank % cfg.ppo.minibatch_size:
         raise ConfigError(f"ppo.minibatch_size={cfg.ppo.minibatch_size} does not divide the "
                           f"{per_rank} rollouts per rank")
-    return actor, reward
+    return actor, reward, reference
 
 
 def check_prompts(recs: list[dict], tok, cfg: PPOConfig, where: str) -> None:
@@ -94,21 +111,35 @@ def check_prompts(recs: list[dict], tok, cfg: PPOConfig, where: str) -> None:
 
 
 class Critic(torch.nn.Module):
-    """The reward model's transformer and score head, read at every token: V(s_t)."""
+    """The reward model's transformer and a value head read at every token: V(s_t).
 
-    def __init__(self, rm):
+    The head starts as the RM's score head mapped into the units of the critic's targets: the
+    returns are normalized scores, (score - mean) / std minus the KL penalty, so
+    V_0 = (score - mean) / std. A copy of the raw head starts off by the RM's spread (3.2 on
+    the demo), and value clipping then slows the correction while the first advantages are
+    biased by it."""
+
+    def __init__(self, rm, mean: float = 0.0, std: float = 1.0):
         super().__init__()
-        self.body, self.score = rm.model, rm.score
+        self.body = rm.model
+        w = rm.score.weight.detach()
+        self.value = torch.nn.Linear(w.shape[1], 1, bias=True, dtype=w.dtype)
+        bias = rm.score.bias.detach() if rm.score.bias is not None else torch.zeros(1)
+        with torch.no_grad():
+            self.value.weight.copy_(w / std)
+            self.value.bias.copy_((bias.to(w.dtype) - mean) / std)
 
     def forward(self, input_ids, attention_mask, position_ids):
         h = self.body(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids).last_hidden_state
-        return self.score(h).squeeze(-1).float()
+        return self.value(h).squeeze(-1).float()
 
 
 def engine(model, cfg: PPOConfig, d: E.Dist, lr: float | None, offload: bool = False):
-    """A DeepSpeed engine; frozen ones (lr None) get no optimizer and may live on the CPU."""
+    """A DeepSpeed engine; frozen ones (lr None) get no optimizer and may live on the CPU.
+    Trained ones follow optim's warmup and cosine floor over the PPO steps."""
     import deepspeed
+    E.no_dropout(model)   # the ratio of new to old log-probs must compare like with like
     mb = TrainConfig(micro_batch_size=cfg.ppo.minibatch_size,
                      global_batch_size=cfg.ppo.minibatch_size * d.world, max_steps=1)
     ds_cfg = E.deepspeed_config(cfg.deepspeed, mb, cfg.optim, d.world)
@@ -118,7 +149,27 @@ def engine(model, cfg: PPOConfig, d: E.Dist, lr: float | None, offload: bool = F
         ds_cfg["zero_optimization"] = zero
         return deepspeed.initialize(model=model, config=ds_cfg)[0]
     opt = E.adamw(model, cfg.optim.model_copy(update={"lr": lr}), ds_cfg)
-    return deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)[0]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ppo_lr_lambda(cfg, d.world))
+    return deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)[0]
+
+
+def ppo_lr_lambda(cfg: PPOConfig, world: int):
+    """optim's schedule (warmup, cosine to min_lr_ratio over train.max_steps) counted in PPO
+    steps; the scheduler itself is stepped once per minibatch update."""
+    per_step = cfg.ppo.epochs * (cfg.train.global_batch_size // world // cfg.ppo.minibatch_size)
+    base = E.lr_lambda(cfg.optim, cfg.train.max_steps)
+    return lambda update: base(update // per_step)
+
+
+def reference_of(store: ArtifactStore, actor):
+    """The SFT model PPO keeps its KL anchor on: the actor itself, or, for an actor that is a
+    PPO model, its reference (or actor) parent followed back to an SFT model. Anchoring on the
+    previous PPO model would let the KL budget compound over chained runs."""
+    art = actor
+    while art.stage == "ppo":
+        roles = {p["role"]: p["digest"] for p in art.parents}
+        art = store.get(roles.get("reference") or roles["actor"], verify=False)
+    return art
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -132,7 +183,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 class Models:
     """The four engines, the tokenizer and what scoring needs: one object, not ten arguments."""
     actor: Any                  # DeepSpeed engine, trained: the policy
-    critic: Any                 # DeepSpeed engine, trained: V(s_t) per token
+    critic: Any                 # DeepSpeed engine, trained: V(s_t) per token; None: grpo/rloo
     ref: Any                    # frozen reference policy, the KL anchor
     reward: Any                 # frozen reward model
     tok: Any
@@ -151,9 +202,11 @@ class Rollout:
     mask: torch.Tensor          # [B, R] float, 1.0 through the EOS
     P: int
     logp: torch.Tensor          # [B, R] actor log-probs of resp at the sampling temperature
-    values: torch.Tensor        # [B, R] critic values, 0 on padding
-    adv: torch.Tensor           # [B, R] GAE advantages (whitened if configured)
-    returns: torch.Tensor       # [B, R] advantages + values
+    ref_logp: torch.Tensor      # [B, R] reference log-probs, likewise
+    values: torch.Tensor        # [B, R] critic values, 0 on padding (and without a critic)
+    adv: torch.Tensor           # [B, R] GAE advantages (whitened if configured), or the
+                                #        response's group advantage on each of its tokens
+    returns: torch.Tensor       # [B, R] advantages + values (gae)
     texts: list[str]            # B decoded responses, cut before the EOS
     raw: torch.Tensor           # [B] RM score
     norm: torch.Tensor          # [B] the score PPO maximizes: normalized RM or checker +-1
@@ -166,16 +219,18 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
-            greedy: bool = False) -> Rollout:
-    """Sample responses and score them: everything the PPO epochs need, on this rank."""
+            greedy: bool = False, learn: bool = True) -> Rollout:
+    """Sample responses and score them: everything the PPO epochs need, on this rank. With
+    learn=False (evaluation) no values or advantages are computed."""
     tok = m.tok
     tok.padding_side = "left"
     enc = tok([chat_prompt(tok, p["prompt"]) for p in prompts], return_tensors="pt",
               padding=True, add_special_tokens=False).to(d.device)
     t0 = time.time()
+    # top_k/top_p explicitly off: a model's generation_config may truncate, and PPO scores the
+    # tokens under the full distribution.
     sampling = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": cfg.rollout.temperature,
-        "top_k": cfg.rollout.top_k or None, "top_p": cfg.rollout.top_p}
+        "do_sample": True, "temperature": cfg.rollout.temperature, "top_k": None, "top_p": 1.0}
     out = m.actor.module.generate(**enc, max_new_tokens=cfg.rollout.max_new_tokens,
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                   **sampling)
@@ -196,7 +251,6 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     logp = L.token_logprobs(logits, resp, temp)
     ref_logits = m.ref(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
     ref_logp = L.token_logprobs(ref_logits, resp, temp)
-    values = m.critic(seq, attn, pos)[:, P - 1:-1] * mask
     texts, _ = decode_responses(tok, resp)
     raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=len(prompts),
                     device=d.device)
@@ -209,12 +263,20 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     norm = norm - cfg.rollout.missing_eos_penalty * (~ended).float()
     kl = L.kl_estimate(logp, ref_logp, cfg.kl.estimator) * mask
     exact_kl = (L.exact_kl(logits, ref_logits) * mask).sum(1)
-    rewards = L.token_rewards(norm, kl, mask, m.kl_ctl.beta)
-    adv, returns = L.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-    if cfg.ppo.whiten_advantages:
-        adv = L.whiten(adv, mask)
-    return Rollout(seq, attn, pos, resp, mask, P, logp, values, adv, returns, texts, raw, norm,
-                   kl.sum(1), exact_kl, ended.float(), gold, gen_s)
+    values = adv = returns = torch.zeros_like(mask)
+    beta = m.kl_ctl.beta if cfg.kl.placement == "reward" else 0.0
+    if learn and m.critic is not None:     # gae
+        values = m.critic(seq, attn, pos)[:, P - 1:-1] * mask
+        rewards = L.token_rewards(norm, kl, mask, beta)
+        adv, returns = L.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        if cfg.ppo.whiten_advantages:   # over the whole batch, every rank's share alike
+            adv = L.whiten(adv, mask, reduce=all_reduce_sum)
+    elif learn:                            # grpo, rloo: one advantage per response
+        score = norm - beta * kl.sum(1)
+        adv = L.group_advantages(score, cfg.ppo.group_size, cfg.ppo.advantage,
+                                 cfg.ppo.scale_rewards)[:, None] * mask
+    return Rollout(seq, attn, pos, resp, mask, P, logp, ref_logp, values, adv, returns, texts,
+                   raw, norm, kl.sum(1), exact_kl, ended.float(), gold, gen_s)
 
 
 def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) -> dict:
@@ -227,22 +289,43 @@ def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) 
             logits = m.actor(input_ids=seq, attention_mask=attn,
                              position_ids=pos).logits[:, P - 1:-1]
             logp = L.token_logprobs(logits, b.resp[i], cfg.rollout.temperature)
-            pg_loss, pg = L.policy_loss(logp, b.logp[i], b.adv[i], mask, cfg.ppo.clip_range)
-            m.actor.backward(pg_loss)
+            pg_loss, pg = L.policy_loss(logp, b.logp[i], b.adv[i], mask, cfg.ppo.clip_range,
+                                        cfg.ppo.loss_agg, cfg.rollout.max_new_tokens)
+            stats = {"loss/policy": pg_loss.item(), "policy/clipfrac": pg["clipfrac"],
+                     "policy/approx_kl": pg["approx_kl"]}
+            loss = pg_loss
+            if cfg.kl.placement == "loss":     # k3: non-negative, and unbiased as a loss term
+                kl = L.masked_mean(L.kl_estimate(logp, b.ref_logp[i], "k3"), mask)
+                loss = loss + m.kl_ctl.beta * kl
+                stats["loss/kl"] = kl.item()
+            m.actor.backward(loss)
             m.actor.step()
-            values = m.critic(seq, attn, pos)[:, P - 1:-1]
-            vf_loss, vf = L.value_loss(values, b.values[i], b.returns[i], mask,
-                                       cfg.ppo.value_clip_range)
-            m.critic.backward(cfg.ppo.vf_coef * vf_loss)
-            m.critic.step()
+            if m.critic is not None:
+                values = m.critic(seq, attn, pos)[:, P - 1:-1]
+                vf_loss, vf = L.value_loss(values, b.values[i], b.returns[i], mask,
+                                           cfg.ppo.value_clip_range)
+                m.critic.backward(vf_loss)
+                m.critic.step()
+                stats.update({"loss/value": vf_loss.item(),
+                              "critic/clipfrac": vf["value_clipfrac"]})
             with torch.no_grad():
-                ent = L.masked_mean(L.entropy(logits), mask).item()
-            for k, v in {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
-                         "policy/entropy": ent, "policy/clipfrac": pg["clipfrac"],
-                         "policy/approx_kl": pg["approx_kl"],
-                         "critic/clipfrac": vf["value_clipfrac"]}.items():
+                stats["policy/entropy"] = L.masked_mean(L.entropy(logits), mask).item()
+            for k, v in stats.items():
                 acc.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in acc.items()}
+
+
+def train_mode(m: Models, on: bool) -> None:
+    """Sampling and scoring in eval mode, updates in train mode (dropout is off either way)."""
+    for model in (m.actor, m.critic):
+        if model is not None:
+            model.train(on)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
 
 
 def mean_all(values: dict[str, float], d: E.Dist) -> dict[str, float]:
@@ -264,9 +347,11 @@ def sum_all(values: dict[str, float]) -> dict[str, float]:
 def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
     """Held-out prompts, greedy and sampled as in training: RM reward, gold accuracy (overall
     and per family, as tasks.gold_metrics scores SFT), KL to the reference, EOS rate."""
+    train_mode(m, False)   # the loop puts them back in train mode for its updates
     mine = prompts[d.rank::d.world]
     mb = cfg.train.micro_batch_size
-    greedy = [rollout(m, mine[i:i + mb], cfg, d, greedy=True) for i in range(0, len(mine), mb)]
+    greedy = [rollout(m, mine[i:i + mb], cfg, d, greedy=True, learn=False)
+              for i in range(0, len(mine), mb)]
     texts = [t for b in greedy for t in b.texts]
     raw = [r for b in greedy for r in b.raw.tolist()]
     out = {"rl/reward": raw, "rl/kl": [k for b in greedy for k in b.exact_kl.tolist()],
@@ -279,7 +364,8 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
         reps = [p for p in mine for _ in range(cfg.data.eval_samples)]
         with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
             torch.manual_seed(cfg.run.seed * 1000 + d.rank)
-            sampled = [rollout(m, reps[i:i + mb], cfg, d) for i in range(0, len(reps), mb)]
+            sampled = [rollout(m, reps[i:i + mb], cfg, d, learn=False)
+                       for i in range(0, len(reps), mb)]
         out["rl/sampled_reward"] = [r for b in sampled for r in b.raw.tolist()]
         stexts = [t for b in sampled for t in b.texts]
     # Sums over every rank, then means: each figure is over all held-out responses.
@@ -294,37 +380,80 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
     res["gold/n"] = int(total["gold/accuracy:n"])
     if cfg.data.eval_samples:
         res["gold/sampled_n"] = int(total["gold/sampled_accuracy:n"])
-    return {**dict(sorted(res.items())), "samples": samples}
+    # Per prompt (held-out order), for the paired comparison with the baseline.
+    mine_out = {"greedy": [check(p["answer"], t) if "answer" in p else None
+                           for p, t in zip(mine, texts)]}
+    if cfg.data.eval_samples:
+        k = cfg.data.eval_samples
+        oks = [check(p["answer"], t) if "answer" in p else None for p, t in zip(reps, stexts)]
+        mine_out["sampled"] = [None if oks[j * k] is None else sum(oks[j * k:(j + 1) * k]) / k
+                               for j in range(len(mine))]
+    gathered = [None] * d.world
+    dist.all_gather_object(gathered, mine_out)
+    outcomes = {mode: [gathered[i % d.world][mode][i // d.world] for i in range(len(prompts))]
+                for mode in mine_out}
+    return {**dict(sorted(res.items())), "samples": samples, "outcomes": outcomes}
 
 
-def reward_hacking(before: dict, after: dict) -> list[tuple[str, float, float]]:
+NOT_METRICS = ("samples", "outcomes")   # what evaluate() returns besides figures
+
+
+def paired(baseline: dict, current: dict) -> dict:
+    """The change of gold accuracy from the baseline, tested per prompt: greedy answers by the
+    paired standard error and McNemar's test, sampled accuracy (a fraction per prompt) by the
+    paired standard error over prompts, never over responses."""
+    out = {}
+    for mode, key in (("greedy", "gold/delta"), ("sampled", "gold/sampled_delta")):
+        b, a = baseline.get("outcomes", {}).get(mode), current.get("outcomes", {}).get(mode)
+        if b and a:
+            out[key], out[f"{key}_se"], _ = paired_change(b, a)
+    if "gold/delta" in out:
+        out["gold/mcnemar_p"] = mcnemar_p(baseline["outcomes"]["greedy"],
+                                          current["outcomes"]["greedy"])
+    return out
+
+
+def gold_change(m: dict, mode: str) -> tuple[float, bool] | None:
+    """(change of gold accuracy from the baseline, whether it is beyond the noise) in final
+    metrics `m`: two paired standard errors where the stage measured per prompt, else two
+    binomial standard errors of the two figures."""
+    _, _, g, n, delta = next(x for x in MODES if x[0] == mode)
+    if delta in m:
+        return m[delta], abs(m[delta]) > 2 * m[f"{delta}_se"]
+    if g in m and M.BASELINE + g in m:
+        return accuracy_change(m[M.BASELINE + g], m[g], m.get(n, 0))
+    return None
+
+
+def reward_hacking(m: dict) -> list[tuple[str, float, float]]:
     """(responses, RM reward gain, gold accuracy change) where the RM says better while the
     checker says worse by more than the noise of the measurement: the policy is exploiting the
     reward model. Greedy and sampled responses apart, because a policy can keep its greedy
     answers and hack in the samples, or the reverse."""
     out = []
-    for mode, r, g, n in MODES:
-        if not all(k in m for k in (r, g) for m in (before, after)):
-            continue
-        gold, real = accuracy_change(before[g], after[g], after.get(n, 0))
-        if after[r] > before[r] and gold < 0 and real:
-            out.append((mode, after[r] - before[r], gold))
+    for mode, r, *_ in MODES:
+        change = gold_change(m, mode)
+        if change and r in m and M.BASELINE + r in m:
+            gold, real = change
+            if m[r] > m[M.BASELINE + r] and gold < 0 and real:
+                out.append((mode, m[r] - m[M.BASELINE + r], gold))
     return out
 
 
-# (responses, RM reward, gold accuracy, number of checks) of both evaluation modes
-MODES = (("greedy", "rl/reward", "gold/accuracy", "gold/n"),
-         ("sampled", "rl/sampled_reward", "gold/sampled_accuracy", "gold/sampled_n"))
+# (responses, RM reward, gold accuracy, checks, paired change) of both evaluation modes
+MODES = (("greedy", "rl/reward", "gold/accuracy", "gold/n", "gold/delta"),
+         ("sampled", "rl/sampled_reward", "gold/sampled_accuracy", "gold/sampled_n",
+          "gold/sampled_delta"))
 
 
 def headline(m: dict, cfg: PPOConfig) -> dict:
     """PPO against SFT on held-out prompts: responses sampled as in training (what PPO
     optimizes) and greedy ones (their mode); a gold change within the noise is called so."""
     parts = []
-    for mode, r, g, n in reversed(MODES):
+    for mode, r, g, *_ in reversed(MODES):
         if g not in m or M.BASELINE + g not in m:
             continue
-        delta, real = accuracy_change(m[M.BASELINE + g], m[g], m.get(n, 0))
+        delta, real = gold_change(m, mode)
         verdict = ("raised" if delta > 0 else "LOWER") if real else "within noise"
         label = f"sampled at T {cfg.rollout.temperature:g}" if mode == "sampled" else mode
         parts.append(f"{label}: RM reward {m[M.BASELINE + r]:.3f} -> {m[r]:.3f}, gold accuracy "
@@ -347,48 +476,65 @@ def families(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     # --- setup: config, the checks that fail in a second, the ranks --------------------------
-    run, (actor_art, reward_art) = S.setup(PPOConfig, "ppo", argv, preflight)
+    run, (actor_art, reward_art, ref_art) = S.setup(PPOConfig, "ppo", argv, preflight)
     cfg, d = run.cfg, run.d
 
     # --- data: rank 0 builds (or reuses) the prompt set; none may be too long ---------------
     data_art = S.example_set(run, cfg.data.prompts)
     tok = load_tokenizer(actor_art.local_path())
     train_prompts = read_jsonl(data_art.local_path() / "train.jsonl")
-    eval_prompts = read_jsonl(data_art.local_path() / "eval.jsonl")[: cfg.data.eval_prompts]
+    eval_prompts = [p for p in read_jsonl(data_art.local_path() / "eval.jsonl")
+                    if cfg.data.eval_split in ("all", heldout_split(p["prompt"]))]
+    eval_prompts = eval_prompts[: cfg.data.eval_prompts]
+    if not eval_prompts:
+        raise D.DataError(f"{cfg.data.prompts}: no held-out prompts in data.eval_split="
+                          f"{cfg.data.eval_split}")
     check_prompts(train_prompts + eval_prompts, tok, cfg, cfg.data.prompts)
-    if S.reused(run, actor=actor_art.digest, reward=reward_art.digest, prompts=data_art.digest):
+    if S.reused(run, actor=actor_art.digest, reference=ref_art.digest, reward=reward_art.digest,
+                prompts=data_art.digest):
         return
     run.mark("data")
 
-    # --- models: actor and reference from SFT, critic and reward from the RM ---------------
+    # --- models: actor and reference from SFT, reward (and for gae the critic) from the RM --
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     torch.manual_seed(cfg.run.seed)
     load = dict(dtype=torch.float32)
     actor = engine(AutoModelForCausalLM.from_pretrained(actor_art.local_path(), **load),
                    cfg, d, cfg.optim.lr)
+    stats = json.loads((reward_art.local_path() / "reward_stats.json").read_text())
     critic = engine(Critic(AutoModelForSequenceClassification.from_pretrained(
-        reward_art.local_path(), **load)), cfg, d, cfg.critic_lr)
-    ref = engine(AutoModelForCausalLM.from_pretrained(actor_art.local_path(), **load), cfg, d,
+        reward_art.local_path(), **load), stats["reward_mean"], stats["reward_std"]), cfg, d,
+        cfg.critic_lr) if cfg.ppo.advantage == "gae" else None
+    ref = engine(AutoModelForCausalLM.from_pretrained(ref_art.local_path(), **load), cfg, d,
                  None, cfg.frozen_offload)
     reward = engine(AutoModelForSequenceClassification.from_pretrained(
         reward_art.local_path(), **load), cfg, d, None, cfg.frozen_offload)
-    m = Models(actor, critic, ref, reward, tok,
-               json.loads((reward_art.local_path() / "reward_stats.json").read_text()),
+    m = Models(actor, critic, ref, reward, tok, stats,
                L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon))
+    # Each rank samples its own responses (same seed on every rank gave correlated draws).
+    torch.manual_seed(cfg.run.seed + 7919 * (d.rank + 1))
 
     # --- resume: actor, critic, KL controller, step and RNG; the SFT baseline measured once --
     ckpt = run.work / "checkpoints"
     metrics = E.Metrics(d, run.work)
-    engines = {"actor": actor, "critic": critic}
+    engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
     client = E.load_checkpoint(engines, ckpt, d) if cfg.checkpoint.resume else None
     start = client["step"] if client else 0
     if client:
         m.kl_ctl.load_state_dict(client["kl"])
         E.log(d, f"resumed from {ckpt} at step {start}")
     per_rank = cfg.train.global_batch_size // d.world
-    E.log(d, f"ppo {run.name}: {len(train_prompts)} prompts, {per_rank} rollouts per rank "
-             f"per step, {d.world} rank(s), {cfg.train.max_steps} steps")
-    baseline = evaluate(m, eval_prompts, cfg, d) if start == 0 else None
+    if cfg.kl.estimator == "k3" and cfg.kl.placement == "reward":
+        E.log(d, "WARNING: kl.estimator=k3 in the reward gives a biased gradient of the KL "
+                 "(k3 is unbiased as a value, not as a per-token reward); k1 is the unbiased "
+                 "choice there")
+    E.log(d, f"ppo {run.name}: {cfg.ppo.advantage} advantages, engines: "
+             f"{', '.join(['actor', 'reference', 'reward'] + ['critic'] * (critic is not None))}; "
+             f"{len(train_prompts)} prompts, {per_rank} rollouts per rank per step, {d.world} "
+             f"rank(s), {cfg.train.max_steps} steps")
+    # The baseline is the SFT reference, also when the actor is an earlier PPO model.
+    sft = m if ref_art.digest == actor_art.digest else replace(m, actor=m.ref)
+    baseline = evaluate(sft, eval_prompts, cfg, d) if start == 0 else None
     if baseline and d.main:
         E.log(d, f"SFT on held-out prompts: reward {baseline['rl/reward']:.3f}, gold accuracy "
                  f"{baseline['gold/accuracy']:.3f} ({families(baseline)})")
@@ -403,12 +549,12 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.time()
         rng = np.random.default_rng([cfg.run.seed, step])
         order = rng.permutation(len(train_prompts))
-        chunk = [train_prompts[i] for i in order[d.rank * per_rank:(d.rank + 1) * per_rank]]
-        actor.eval()
-        critic.eval()
+        k = cfg.ppo.group_size if cfg.ppo.advantage != "gae" else 1   # samples per prompt
+        n = per_rank // k
+        chunk = [train_prompts[i] for i in order[d.rank * n:(d.rank + 1) * n] for _ in range(k)]
+        train_mode(m, False)
         batch = rollout(m, chunk, cfg, d)
-        actor.train()
-        critic.train()
+        train_mode(m, True)
         t_gen = time.time() - t0
         upd = ppo_epochs(m, batch, cfg, rng)
         mask = batch.mask
@@ -420,7 +566,9 @@ def main(argv: list[str] | None = None) -> None:
             "rollout/kl": batch.kl.mean().item(), "rollout/kl_exact": batch.exact_kl.mean().item(),
             "rollout/response_length": mask.sum(1).mean().item(),
             "rollout/eos_rate": batch.ended.mean().item(),
-            "critic/explained_variance": L.explained_variance(batch.values, batch.returns, mask),
+            **({"critic/explained_variance": L.explained_variance(batch.values, batch.returns,
+                                                                   mask)}
+               if critic is not None else {}),
             "perf/gen_tokens_per_s": float(mask.sum()) / max(batch.gen_s, 1e-9), **upd}, d)
         step_s = time.time() - t0
         row.update({"rl/beta": m.kl_ctl.beta, "perf/step_s": step_s,
@@ -431,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
         done = step + 1
         if done % cfg.train.eval_every == 0 or done == cfg.train.max_steps:
             last_eval = evaluate(m, eval_prompts, cfg, d)
-            row.update({k: v for k, v in last_eval.items() if k != "samples"})
+            row.update({k: v for k, v in last_eval.items() if k not in NOT_METRICS})
             if d.main:
                 (run.work / f"samples_step{done:06d}.json").write_text(
                     json.dumps(last_eval["samples"], indent=2))
@@ -448,13 +596,14 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- evaluate: PPO against SFT, and whether the policy exploits the RM -------------------
     samples = last_eval["samples"]
-    current = {k: v for k, v in last_eval.items() if k != "samples"}
-    # Only when the RM is what PPO maximizes can the policy exploit it.
-    hacked = reward_hacking(baseline, current) if cfg.ppo.reward_source == "rm" else []
+    current = {k: v for k, v in last_eval.items() if k not in NOT_METRICS}
     counts = ("gold/n", "gold/sampled_n")
     final = {**M.with_baseline({k: v for k, v in current.items() if k not in counts},
                                baseline), **{k: current[k] for k in counts if k in current},
-             "rl/reward_hacking": bool(hacked), "rl/beta": m.kl_ctl.beta}
+             **paired(baseline, last_eval), "rl/beta": m.kl_ctl.beta}
+    # Only when the RM is what PPO maximizes can the policy exploit it.
+    hacked = reward_hacking(final) if cfg.ppo.reward_source == "rm" else []
+    final["rl/reward_hacking"] = bool(hacked)
     for mode, gained, gold_delta in hacked:
         E.log(d, f"WARNING: reward hacking ({mode} responses): RM reward rose by "
                  f"{gained:.3f} while gold accuracy fell by {-gold_delta:.3f}")
@@ -465,6 +614,12 @@ def main(argv: list[str] | None = None) -> None:
     if d.main:
         (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
         (export / "samples.json").write_text(json.dumps(samples, indent=2))
+        # Per held-out prompt, SFT and PPO: what the paired figures were computed from.
+        (export / "heldout.json").write_text(json.dumps([
+            {"prompt": p["prompt"], "answer": p.get("answer"),
+             **{f"{who}_{mode}": o["outcomes"][mode][i] for who, o in (("sft", baseline),
+                                                                       ("ppo", last_eval))
+                for mode in o["outcomes"]}} for i, p in enumerate(eval_prompts)], indent=1))
         S.export(run, export, metrics=final, headline=headline(final, cfg),
                  datasets={"prompts": {"digest": data_art.digest, "train": len(train_prompts)}})
     metrics.close()

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_model(str(export))
     dist.barrier()
     if d.main:
+        E.trainer_args_as_json(export, args)
         tok.save_pretrained(export)
         result = AutoModelForSequenceClassification.from_pretrained(export, dtype=torch.float32)
         chosen, rejected = pair_scores(result, tok, evalset)

@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.save_model(str(export))          # gathers ZeRO-3 shards
     dist.barrier()
     if d.main:
+        E.trainer_args_as_json(export, args)
         tok.save_pretrained(export)
         result = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
         current = evaluate(result, tok, task_eval, kept_eval, cfg)

@@ -115,6 +115,13 @@ def held_out(prompt: str) -> bool:
     return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) < HELD_OUT_SHARE * 2**32
 
 
+def heldout_split(prompt: str) -> str:
+    """validation or test, half each, for a held-out prompt: settings are chosen on the
+    validation half and the test half is reported once (other hash bits than held_out's)."""
+    return "test" if int(hashlib.sha256(prompt.encode()).hexdigest()[8:16], 16) % 2 else \
+        "validation"
+
+
 def generate(families: list[str], n: int, seed: int, held: bool = False,
              unique: bool = False) -> list[dict]:
     """n examples spread evenly over families, from the held-out part of the prompt space or
@@ -177,6 +184,33 @@ def gold_metrics(recs: list[dict], texts: list[str]) -> dict:
     scoring that SFT and PPO's evaluation share."""
     counts = gold_counts(recs, texts)
     return {**dict(sorted(accuracies(counts).items())), "gold/n": int(counts["gold/accuracy:n"])}
+
+
+def paired_change(before: list, after: list) -> tuple[float, float, int]:
+    """(mean change, its standard error, prompts) of a per-prompt figure measured before and
+    after on the same prompts (None where a prompt is not checkable). The error comes from the
+    spread of the per-prompt changes: prompts are the unit, so several samples of one prompt
+    count once and the correlation of the two measurements is used, not ignored."""
+    diffs = [a - b for b, a in zip(before, after) if b is not None and a is not None]
+    n = len(diffs)
+    if n == 0:
+        return 0.0, 0.0, 0
+    mean = sum(diffs) / n
+    var = sum((x - mean) ** 2 for x in diffs) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n), n
+
+
+def mcnemar_p(before: list, after: list) -> float:
+    """Exact two-sided McNemar test of paired right/wrong verdicts: only the prompts whose
+    verdict changed carry information, and under no change each flips either way with p 1/2."""
+    pairs = [(b, a) for b, a in zip(before, after) if b is not None and a is not None]
+    gained = sum(1 for b, a in pairs if a and not b)
+    lost = sum(1 for b, a in pairs if b and not a)
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def accuracy_change(before: float, after: float, n: int) -> tuple[float, bool]:

@@ -40,9 +40,17 @@ def test_digest_is_content_only_and_stable(store, tmp_path):
     assert a.digest == b.digest
     assert [v.version for v in store.versions("m")] == [1]  # unchanged rerun: no new version
     renamed = dict(FILES)
-    renamed["weights.bin"] = renamed.pop("model.safetensors")
+    renamed["weights.safetensors"] = renamed.pop("model.safetensors")
     assert put(store, tmp_path, renamed, kind="model").digest != a.digest
     assert tree_digest(hash_tree(a.local_path())) == a.digest
+
+
+@pytest.mark.parametrize("name", ["training_args.bin", "pytorch_model.bin", "opt.pt", "x.pkl",
+                                  "sub/state.pickle"])
+def test_a_model_artifact_holds_no_pickle(store, tmp_path, name):
+    with pytest.raises(ArtifactError, match=f"{name}: a pickle"):
+        put(store, tmp_path, {**FILES, name: b"\x80\x04"}, kind="model", name="m")
+    assert store.versions("m") == []
 
 
 def test_versions_and_references(store, tmp_path):

@@ -90,6 +90,10 @@ def test_cross_field_rules():
         load_config(PretrainConfig, TINY, ["deepspeed.template=infra/deepspeed/zero9.json"])
     with pytest.raises(ConfigError, match="needs a hostfile"):
         load_config(PretrainConfig, TINY, ["deepspeed.num_nodes=2"])
+    # the message, not the whole config the rule read
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, TINY, ["train.global_batch_size=12"])
+    assert "'run':" not in str(e.value) and len(str(e.value).splitlines()) == 2
 
 
 def test_offload_param_needs_zero3(tmp_path):
@@ -124,3 +128,15 @@ def test_string_fields_keep_overrides_that_look_like_numbers():
     cfg = load_config(SFTConfig, REPO / "configs" / "tiny" / "sft.yaml",
                       ["parent=" + "0" * 64, "run.name=123", "optim.lr=1e-3"])
     assert cfg.parent == "0" * 64 and cfg.run.name == "123" and cfg.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.vf_coef=0.5", "vf_coef has no effect here: the critic is its own engine"),
+    ("rollout.top_k=20", "truncated sampling would train off-policy"),
+    ("rollout.top_p=0.9", "truncated sampling would train off-policy"),
+    ("optim.warmup_steps=3", "optim.warmup_steps=3 must be below train.max_steps=3"),
+])
+def test_ppo_settings_that_would_do_nothing_or_train_off_policy_are_refused(override, message):
+    from stages.config import PPOConfig
+    with pytest.raises(ConfigError, match=message):
+        load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml", [override])

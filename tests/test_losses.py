@@ -106,3 +106,47 @@ def test_exact_kl():
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert L.exact_kl(p, q).item() == pytest.approx(expected)
     assert L.exact_kl(p, p).item() == pytest.approx(0.0)
+
+
+def test_whitening_over_ranks_uses_the_whole_batch():
+    # Two ranks' shares of one batch, on different scales: each whitened alone would put them
+    # on one scale; whitened with the batch's statistics they keep their difference.
+    x = T([[1.0, 2.0, 3.0, 0.0], [10.0, 20.0, 30.0, 40.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    whole = L.whiten(x, mask)
+    shares = [(x[:1], mask[:1]), (x[1:], mask[1:])]
+
+    def reduce(stats):   # what all_reduce(SUM) would give on each rank
+        return sum(torch.stack([(s * m).sum(), (s * s * m).sum(), m.sum()]).double()
+                   for s, m in shares)
+    got = torch.cat([L.whiten(s, m, reduce=reduce) for s, m in shares])
+    assert got.tolist() == [pytest.approx(r, abs=1e-5) for r in whole.tolist()]
+    assert not torch.allclose(torch.cat([L.whiten(s, m) for s, m in shares]), whole)
+
+
+def test_group_advantages_by_hand():
+    # two prompts, three samples each: scores 1, 2, 3 and 0, 0, 3
+    s = T([1.0, 2.0, 3.0, 0.0, 0.0, 3.0])
+    grpo = L.group_advantages(s, 3, "grpo", scale=False)      # Dr. GRPO: mean removed only
+    assert grpo.tolist() == pytest.approx([-1, 0, 1, -1, -1, 2])
+    scaled = L.group_advantages(s, 3, "grpo")                  # divided by each group's std
+    assert scaled.tolist() == pytest.approx([-1, 0, 1, -1 / math.sqrt(3), -1 / math.sqrt(3),
+                                             2 / math.sqrt(3)], abs=1e-3)
+    rloo = L.group_advantages(s, 3, "rloo")                    # minus the mean of the others
+    assert rloo.tolist() == pytest.approx([1 - 2.5, 2 - 2, 3 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0])
+    assert L.group_advantages(T([5.0, 5.0]), 2, "grpo").tolist() == [0.0, 0.0]   # no signal
+    with pytest.raises(ValueError, match="rloo needs group_size >= 2"):
+        L.group_advantages(s, 1, "rloo")
+
+
+def test_policy_loss_aggregations():
+    # ratio 1 everywhere, so the loss is -adv aggregated; one short and one long response
+    logp = torch.zeros(2, 4)
+    adv = T([[1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    mask = T([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    token, _ = L.policy_loss(logp, logp, adv, mask, 0.2)
+    seq, _ = L.policy_loss(logp, logp, adv, mask, 0.2, agg="sequence")
+    const, _ = L.policy_loss(logp, logp, adv, mask, 0.2, agg="constant", max_len=4)
+    assert token.item() == pytest.approx(-(2 + 8) / 6)
+    assert seq.item() == pytest.approx(-(1 + 2) / 2)
+    assert const.item() == pytest.approx(-(2 / 4 + 8 / 4) / 2)

@@ -54,6 +54,17 @@ def test_hf_trainer_log_in_our_names():
                      "train/rewards/chosen": 0.2}]
 
 
+def test_resume_takes_the_newest_complete_trainer_checkpoint(tmp_path):
+    from stages.engine import last_hf_checkpoint
+    assert last_hf_checkpoint(tmp_path / "none") is None
+    for n, complete in ((3, True), (6, True), (9, False), (12, False)):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_hf_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+
+
 def test_gold_scoring_per_family_and_summed_over_ranks():
     recs = [{"task": "sort", "answer": "1 2"}, {"task": "sort", "answer": "2 3"},
             {"task": "larger", "answer": "7"}, {"prompt": "open question"}]
@@ -69,3 +80,26 @@ def test_gold_scoring_per_family_and_summed_over_ranks():
     assert total == {"gold/accuracy": pytest.approx(2 / 3), "gold/accuracy/larger": 1.0,
                      "gold/accuracy/sort": 0.5}
     assert math.isnan(accuracies(gold_counts([], []))["gold/accuracy"])
+
+
+def test_paired_change_counts_prompts_not_responses():
+    from stages.tasks import paired_change
+    # 4 prompts, sampled accuracy per prompt before and after (None: no answer to check)
+    before, after = [0.25, 0.5, 0.0, None], [0.75, 0.5, 0.5, 1.0]
+    delta, se, n = paired_change(before, after)
+    diffs = [0.5, 0.0, 0.5]
+    mean = sum(diffs) / 3
+    assert n == 3 and delta == pytest.approx(mean)
+    assert se == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2 / 3))
+    assert paired_change([], []) == (0.0, 0.0, 0)
+
+
+def test_mcnemar_exact_two_sided():
+    from stages.tasks import mcnemar_p
+    # 10 prompts flipped right, 2 flipped wrong, 8 unchanged: p = 2 * P(X <= 2), X ~ Bin(12, .5)
+    before = [False] * 10 + [True] * 2 + [True] * 8
+    after = [True] * 10 + [False] * 2 + [True] * 8
+    expect = 2 * (1 + 12 + 66) / 2 ** 12
+    assert mcnemar_p(before, after) == pytest.approx(expect)
+    assert mcnemar_p([True, False], [True, False]) == 1.0          # nothing changed
+    assert mcnemar_p([True, None], [False, True]) == 1.0           # one flip: p = 1

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from flows.launch import build_command, release_job_shm
 from stages.config import PPOConfig
@@ -65,19 +66,27 @@ def test_reward_hacking_is_told_apart_for_greedy_and_sampled_responses():
     sft = {"rl/reward": 1.0, "gold/accuracy": 0.8, "rl/sampled_reward": 0.5,
            "gold/sampled_accuracy": 0.4}
     n = {"gold/n": 150, "gold/sampled_n": 600}
+
+    def final(after):   # the stage's final metrics: figures, baseline/..., counts
+        return {**after, **{f"baseline/{k}": v for k, v in sft.items()}, **n}
     honest = {"rl/reward": 1.2, "gold/accuracy": 0.85, "rl/sampled_reward": 0.9,
-              "gold/sampled_accuracy": 0.6, **n}
-    assert reward_hacking(sft, honest) == []
+              "gold/sampled_accuracy": 0.6}
+    assert reward_hacking(final(honest)) == []
     sampled_only = {**honest, "gold/sampled_accuracy": 0.3}
-    [(mode, gain, gold)] = reward_hacking(sft, sampled_only)
+    [(mode, gain, gold)] = reward_hacking(final(sampled_only))
     assert mode == "sampled" and gain == pytest.approx(0.4) and gold == pytest.approx(-0.1)
     both = {"rl/reward": 1.5, "gold/accuracy": 0.6, "rl/sampled_reward": 0.6,
-            "gold/sampled_accuracy": 0.2, **n}
-    assert [h[0] for h in reward_hacking(sft, both)] == ["greedy", "sampled"]
+            "gold/sampled_accuracy": 0.2}
+    assert [h[0] for h in reward_hacking(final(both))] == ["greedy", "sampled"]
     # Two of 150 prompts lost is within the noise (2 SE = 0.09 here): no verdict.
-    assert reward_hacking(sft, {**honest, "gold/accuracy": 0.787}) == []
+    assert reward_hacking(final({**honest, "gold/accuracy": 0.787})) == []
+    # The paired test, where the stage measured per prompt, decides instead: the same 1.3-point
+    # loss is beyond the noise when every prompt moved the same way.
+    paired = {**honest, "gold/accuracy": 0.787, "gold/delta": -0.013, "gold/delta_se": 0.002}
+    assert [h[0] for h in reward_hacking(final(paired))] == ["greedy"]
     # Reward down and gold down is a worse policy, not hacking; no sampled figures, no verdict.
-    assert reward_hacking(sft, {"rl/reward": 0.9, "gold/accuracy": 0.5, "gold/n": 150}) == []
+    assert reward_hacking({"rl/reward": 0.9, "gold/accuracy": 0.5, "gold/n": 150,
+                           "baseline/rl/reward": 1.0, "baseline/gold/accuracy": 0.8}) == []
 
 
 def test_headline_calls_changes_within_noise_so():
@@ -153,3 +162,75 @@ def test_bad_input_fails_before_any_engine(chain, override, message, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "rollouts per rank per step" not in out.stderr   # no engine was built
+
+
+def tiny_reward_model(seed=0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=32, max_position_embeddings=16,
+                      num_labels=1, pad_token_id=0)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def test_critic_starts_in_the_units_of_its_targets():
+    # The returns are (score - mean) / std: the critic's first values must be too.
+    from stages.ppo import Critic
+    rm = tiny_reward_model()
+    ids = torch.tensor([[3, 5, 7, 9], [4, 6, 8, 10]])
+    attn = torch.ones_like(ids)
+    pos = torch.arange(4).expand(2, 4)
+    with torch.no_grad():
+        score = rm(input_ids=ids, attention_mask=attn).logits[:, 0]
+        values = Critic(rm, mean=1.5, std=3.2)(ids, attn, pos)
+    assert values[:, -1].tolist() == pytest.approx(((score - 1.5) / 3.2).tolist(), abs=1e-5)
+    assert not torch.allclose(values[:, -1], score)    # the raw head would be off by the spread
+
+
+def test_the_kl_anchor_of_a_chained_ppo_run_is_the_sft_model(pipeline_store, tmp_path):
+    from stages.ppo import reference_of
+    from tests.conftest import put
+    store, a = pipeline_store
+    assert reference_of(store, a["sft"]).digest == a["sft"].digest
+    assert reference_of(store, a["ppo"]).digest == a["sft"].digest       # actor parent: sft
+    again = put(store, tmp_path, {"model.safetensors": b"w5"}, kind="model", stage="ppo",
+                name="demo-ppo", parents=[{"role": "actor", "digest": a["ppo"].digest},
+                                          {"role": "reward", "digest": a["rm"].digest}])
+    assert reference_of(store, again).digest == a["sft"].digest         # not the first PPO model
+
+
+def test_ppo_learning_rate_follows_optim_over_ppo_steps():
+    from stages.ppo import ppo_lr_lambda
+    cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                      ["optim.warmup_steps=1", "optim.min_lr_ratio=0.1", "train.max_steps=3"])
+    f = ppo_lr_lambda(cfg, world=2)          # 2 epochs x (8 rollouts / minibatch 4) = 4 updates
+    assert [f(u) for u in range(4)] == [0.5] * 4                       # PPO step 0: warmup
+    assert f(4) == pytest.approx(1.0) and f(8) == pytest.approx(0.55)  # cosine halfway
+    assert f(12) == pytest.approx(0.1)                                 # the floor at the end
+
+
+def test_dropout_is_off_in_every_engine():
+    from stages.engine import no_dropout
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+    model.config = type("C", (), {})()
+    model.config.attention_dropout, model.config.hidden_size = 0.1, 4
+    no_dropout(model)
+    assert model[1].p == 0.0 and model.config.attention_dropout == 0.0
+    assert model.config.hidden_size == 4
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("grpo", ["kl.placement=loss", "ppo.loss_agg=constant"]),
+    ("rloo", ["ppo.scale_rewards=false"])])
+def test_critic_free_advantages_run_in_the_same_stage(chain, method, extra):
+    root, store, _, _ = chain
+    digest, log = launch_stage(root, "ppo", f"ppo.advantage={method}", "ppo.group_size=4",
+                               f"run.name=tiny-{method}", f"run.work_dir={root / method}", *extra)
+    art = store.get(digest)
+    assert art.stage == "ppo" and art.manifest["config"]["ppo"]["advantage"] == method
+    assert {"rl/reward", "gold/accuracy", "baseline/gold/accuracy"} <= set(art.manifest["metrics"])
+    rows = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text()
+            .splitlines()]
+    assert "loss/policy" in rows[0] and "loss/value" not in rows[0]        # no critic trained
+    assert ("loss/kl" in rows[0]) == ("kl.placement=loss" in extra)
+    assert f"{method} advantages, engines: actor, reference, reward;" in log   # no critic

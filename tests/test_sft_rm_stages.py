@@ -35,6 +35,8 @@ def test_sft_writes_a_chat_model_whose_parent_is_its_input(chain):
         m["data/train_examples"] + m["data/dropped_too_long"] >= 400
     assert "dropped" in log and m["data/train_examples"] < 400
     assert "--module stages.sft" in art.manifest["command"]
+    assert not list(art.local_path().rglob("*.bin")) and \
+        (art.local_path() / "training_args.json").exists()             # no pickle
     script = ("import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
               "p = sys.argv[1]; t = AutoTokenizer.from_pretrained(p)\n"
               "m = AutoModelForCausalLM.from_pretrained(p)\n"
