@@ -2,8 +2,8 @@
 
 pretrain throughput (stage vs bare PyTorch), demo corpus build cold and warm, PPO throughput
 (needs demo-sft and demo-rm: run `bash scripts/demo.sh` first, or it is reported as skipped),
-pipeline orchestration overhead and cached rerun. --quick uses the tiny preset for the
-pipeline and fewer PPO steps. Each prints its figures and writes its JSON to bench/results/.
+pipeline orchestration overhead and cached rerun, RL quality (also after the demo). --quick uses
+the tiny preset for the pipeline, fewer PPO steps and one seed of two RL runs. Each prints its figures and writes its JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def main() -> int:
     quick = "--quick" in sys.argv[1:]
     runs = [("pretrain_throughput", []), ("corpus_build", []),
             ("ppo_throughput", ["--steps", "6"] if quick else []),
-            ("pipeline_overhead", ["--preset", "tiny" if quick else "demo"])]
+            ("pipeline_overhead", ["--preset", "tiny" if quick else "demo"]),
+            ("rl_quality", ["--seeds", "1", "--only", "gae:rm", "grpo:checker"] if quick else [])]
     failed = []
     for name, extra in runs:
         print(f"\n=== {name} ===", flush=True)

@@ -43,9 +43,14 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
-    """log pi(token) under logits scaled by the sampling temperature (as they were sampled)."""
-    return torch.gather(F.log_softmax(logits.float() / temperature, dim=-1), -1,
-                        tokens.unsqueeze(-1)).squeeze(-1)
+    """log pi(token) under logits scaled by the sampling temperature (as they were sampled):
+    the token's logit minus the logsumexp, row by row, so no [B, R, vocab] log-softmax is ever
+    held (TRL's selective_log_softmax does the same)."""
+    out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+    for i in range(logits.shape[0]):
+        x = logits[i].float() / temperature
+        out[i] = x.gather(-1, tokens[i].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
+    return out
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

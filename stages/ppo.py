@@ -247,9 +247,13 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     attn = torch.cat([enc["attention_mask"], mask.long()], 1)
     pos = positions(attn)
     temp = 1.0 if greedy else cfg.rollout.temperature
-    logits = m.actor(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
+    # Logits at the response positions only (the LM head over the prompt is wasted work).
+    keep = resp.shape[1] + 1
+    logits = m.actor(input_ids=seq, attention_mask=attn, position_ids=pos,
+                     logits_to_keep=keep).logits[:, :-1]
     logp = L.token_logprobs(logits, resp, temp)
-    ref_logits = m.ref(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1]
+    ref_logits = m.ref(input_ids=seq, attention_mask=attn, position_ids=pos,
+                       logits_to_keep=keep).logits[:, :-1]
     ref_logp = L.token_logprobs(ref_logits, resp, temp)
     texts, _ = decode_responses(tok, resp)
     raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=len(prompts),
@@ -286,8 +290,8 @@ def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) 
         for idx in np.split(rng.permutation(n), n // mb):
             i = torch.as_tensor(idx)
             seq, attn, pos, mask = b.seq[i], b.attn[i], b.pos[i], b.mask[i]
-            logits = m.actor(input_ids=seq, attention_mask=attn,
-                             position_ids=pos).logits[:, P - 1:-1]
+            logits = m.actor(input_ids=seq, attention_mask=attn, position_ids=pos,
+                             logits_to_keep=b.resp.shape[1] + 1).logits[:, :-1]
             logp = L.token_logprobs(logits, b.resp[i], cfg.rollout.temperature)
             pg_loss, pg = L.policy_loss(logp, b.logp[i], b.adv[i], mask, cfg.ppo.clip_range,
                                         cfg.ppo.loss_agg, cfg.rollout.max_new_tokens)
