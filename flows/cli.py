@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from stages import lineage
 from stages.artifacts import ArtifactError, ArtifactStore, default_home, default_store_root
@@ -199,6 +200,12 @@ def summary(store: ArtifactStore, result: dict[str, str], seconds: float) -> str
     return "\n".join(lines)
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alignflow",
@@ -250,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     s.add_argument("--top-k", type=int, default=0, help="0: off")
     s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--max-new-tokens", type=positive, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_sample)
@@ -270,10 +277,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that only read a store: on a path that is no store they say so instead of
+# reporting an empty, healthy one.
+READS_STORE = ("models", "lineage", "show", "verify", "gc", "sample")
+
+
+def open_store(args) -> ArtifactStore:
+    try:
+        store = ArtifactStore(args.store)
+    except (ValueError, ImportError) as e:   # fsspec: unknown protocol, missing driver
+        raise ArtifactError(f"--store {args.store}: {e}") from None
+    if store.local and args.command in READS_STORE:
+        root = Path(store.base)
+        if root.exists() and not root.is_dir():
+            raise ArtifactError(f"store {store.root} is a file, not a store directory")
+        if not root.exists():
+            raise ArtifactError(f"no store at {store.root} (nothing was trained there yet; "
+                                f"--store or ALIGNFLOW_STORE names another)")
+    return store
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    store = ArtifactStore(args.store)
     try:
+        store = open_store(args)
         return args.func(store, args)
     except (ArtifactError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

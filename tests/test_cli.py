@@ -86,3 +86,24 @@ def test_gc_finds_deepspeed_buffers_no_process_uses(tmp_path):
         rank.kill()
         rank.wait()
     assert leaked_shm(tmp_path, older_than_s=0, min_age_s=0) == [used, leaked]
+
+
+def test_a_path_that_is_no_store_is_said_so(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for cmd in ("models", "verify", "gc"):
+        code, _, err = run(capsys, "--store", str(tmp_path / "file"), cmd)
+        assert code == 2 and "is a file, not a store directory" in err, (cmd, err)
+        code, _, err = run(capsys, "--store", str(tmp_path / "missing"), cmd)
+        assert code == 2 and f"no store at {tmp_path / 'missing'}" in err, (cmd, err)
+    code, _, err = run(capsys, "--store", "nosuchproto://bucket/x", "models")
+    assert code == 2 and "--store nosuchproto://bucket/x" in err
+
+
+def test_sample_refuses_a_bad_token_budget(pipeline_store, capsys):
+    import pytest
+    store, _ = pipeline_store
+    with pytest.raises(SystemExit) as e:
+        main(["--store", store.root, "sample", "demo-sft", "--prompt", "x",
+              "--max-new-tokens", "-1"])
+    assert e.value.code == 2 and "'-1' is not a whole number of at least 1" in \
+        capsys.readouterr().err
