@@ -503,16 +503,20 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     torch.manual_seed(cfg.run.seed)
     load = dict(dtype=torch.float32)
+    # Frozen engines load straight in the training precision (half the memory on a GPU);
+    # trained ones keep fp32 weights for DeepSpeed's master copy.
+    frozen = dict(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        E.precision(cfg.deepspeed), torch.float32))
     actor = engine(AutoModelForCausalLM.from_pretrained(actor_art.local_path(), **load),
                    cfg, d, cfg.optim.lr)
     stats = json.loads((reward_art.local_path() / "reward_stats.json").read_text())
     critic = engine(Critic(AutoModelForSequenceClassification.from_pretrained(
         reward_art.local_path(), **load), stats["reward_mean"], stats["reward_std"]), cfg, d,
         cfg.critic_lr) if cfg.ppo.advantage == "gae" else None
-    ref = engine(AutoModelForCausalLM.from_pretrained(ref_art.local_path(), **load), cfg, d,
+    ref = engine(AutoModelForCausalLM.from_pretrained(ref_art.local_path(), **frozen), cfg, d,
                  None, cfg.frozen_offload)
     reward = engine(AutoModelForSequenceClassification.from_pretrained(
-        reward_art.local_path(), **load), cfg, d, None, cfg.frozen_offload)
+        reward_art.local_path(), **frozen), cfg, d, None, cfg.frozen_offload)
     m = Models(actor, critic, ref, reward, tok, stats,
                L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon))
     # Each rank samples its own responses (same seed on every rank gave correlated draws).

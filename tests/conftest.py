@@ -66,6 +66,25 @@ def pipeline_store(store, tmp_path):
                    "sft": sft, "rm": rm, "ppo": ppo}
 
 
+def kill_after_checkpoint(cmd: list[str], work: Path, home: Path) -> None:
+    """Start `cmd`, wait for its first complete checkpoint under `work`, then SIGKILL the
+    launcher and every rank (the way a preempted node dies)."""
+    import signal
+    import subprocess
+    import time
+    from flows.launch import release_job_shm
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ALIGNFLOW_HOME": str(home)})
+    deadline = time.time() + 300
+    while not list(work.glob("*/checkpoints/complete")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    release_job_shm(cmd)
+
+
 def launch_stage(root: Path, stage: str, *overrides, check: bool = True):
     """Run a tiny stage config through the real deepspeed launcher into root/store."""
     from flows.launch import build_command, run_stage

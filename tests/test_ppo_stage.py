@@ -1,19 +1,17 @@
 """Stage ppo through the real deepspeed launcher on this CPU: tiny SFT actor, tiny RM."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from flows.launch import build_command, release_job_shm
+from flows.launch import build_command
 from stages.config import PPOConfig
 from stages.configfile import load_config
 from stages.ppo import headline, reward_hacking
-from tests.conftest import REPO, launch_stage
+from tests.conftest import REPO, kill_after_checkpoint, launch_stage
 
 STEPS = ["train.max_steps=4", "checkpoint.every_steps=2", "train.eval_every=100"]
 
@@ -115,16 +113,7 @@ def test_killed_ppo_resumes_to_the_same_rollouts(chain):
     cmd = build_command("ppo", REPO / "configs" / "tiny" / "ppo.yaml",
                         [f"run.store={root / 'store'}", f"run.work_dir={root / 'killed'}",
                          *STEPS, "run.force=true"])
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            env={**os.environ, "ALIGNFLOW_HOME": str(root / "home")})
-    deadline = time.time() + 300
-    while not list((root / "killed").glob("*/checkpoints/complete")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    release_job_shm(cmd)
+    kill_after_checkpoint(cmd, root / "killed", root / "home")
     _, log = launch_stage(root, "ppo", *STEPS, f"run.work_dir={root / 'killed'}",
                           "run.force=true")
     assert "resumed from" in log and "at step 2" in log   # the step all engines completed

@@ -1,18 +1,16 @@
 """Stage pretrain through the real deepspeed launcher on this CPU (tiny preset)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from flows.launch import build_command, release_job_shm, run_stage
+from flows.launch import build_command, run_stage
 from stages.artifacts import ArtifactStore
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_after_checkpoint
 
 TINY = REPO / "configs" / "tiny" / "pretrain.yaml"
 
@@ -89,16 +87,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     steps.append("run.force=true")
     cmd = build_command("pretrain", TINY, [f"run.store={tmp_path / 'store'}",
                                            f"run.work_dir={tmp_path / 'killed'}", *steps])
-    env = {**os.environ, "ALIGNFLOW_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((tmp_path / "killed").glob("*/checkpoints/complete")):
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    release_job_shm(cmd)
+    kill_after_checkpoint(cmd, tmp_path / "killed", tmp_path / "home")
     (latest,) = (tmp_path / "killed").glob("*/checkpoints/complete")
     killed_at = int(latest.read_text().strip().removeprefix("step"))
     assert 0 < killed_at < 24
