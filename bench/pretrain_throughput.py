@@ -121,7 +121,7 @@ def main() -> None:
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     stage_tps = tokens_per_step * len(stage_steps) / sum(stage_steps)
     bare_tps = tokens_per_step * len(bare_steps) / sum(bare_steps)
-    loss_gap = max(abs(a["loss"] - b) for a, b in zip(stage_rows, bare_out["loss"]))
+    loss_gap = max(abs(a["train/loss"] - b) for a, b in zip(stage_rows, bare_out["loss"]))
     result = {
         "benchmark": "pretrain_throughput", "config": args.config, "overrides": args.overrides,
         "steps": args.steps, "measured_steps": len(stage_steps), "tokens_per_step": tokens_per_step,
