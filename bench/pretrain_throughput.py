@@ -92,7 +92,8 @@ def main() -> None:
     store_root = str(Path(home) / "store")
     overrides = [f"run.store={store_root}", f"run.work_dir={work}", "run.name=bench-pretrain",
                  "run.log_every=1", f"train.max_steps={args.steps}", "train.eval_every=1000000",
-                 "checkpoint.every_steps=1000000", "checkpoint.resume=false", *args.overrides]
+                 "checkpoint.every_steps=1000000", "checkpoint.resume=false", "run.force=true",
+                 *args.overrides]
     cfg = load_config(PretrainConfig, REPO / args.config, overrides)
     if "demo_mixture" in cfg.data.mixture:
         build_corpus(REPO / "datasets_cfg" / "demo_corpus.yaml", ArtifactStore(store_root))
