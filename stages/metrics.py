@@ -52,10 +52,10 @@ def canonical(metrics: dict, stage: str | None = None) -> dict:
     """Metrics under today's names; namespaced ones pass through unchanged."""
     out = {}
     for k, v in metrics.items():
-        if "/" in k and not k.startswith(("val_loss/", "gold_", "sft_gold_")):
-            out[k] = v
-        elif k.startswith("val_loss/"):
+        if k.startswith("val_loss/"):
             out[f"eval/loss/{k[9:]}"] = v
+        elif "/" in k:
+            out[k] = v
         elif k == "reward_mean":     # the RM's score mean; PPO's held-out RM reward
             out["rl/reward" if stage == "ppo" else "rm/reward_mean"] = v
         elif k.endswith("_by_task") or k.endswith("_by_family"):

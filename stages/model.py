@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -71,11 +72,11 @@ def device_peak_flops(device_name: str) -> float | None:
 
 def torch_no_grad(fn):
     """torch.no_grad() without importing torch where this module is only read for shapes."""
+    @functools.wraps(fn)
     def wrapped(*args, **kw):
         import torch
         with torch.no_grad():
             return fn(*args, **kw)
-    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
     return wrapped
 
 

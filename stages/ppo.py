@@ -332,19 +332,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_all(values: dict[str, float]) -> dict[str, float]:
+    """Scalar metrics summed over ranks (every rank passes the same keys)."""
+    keys = sorted(values)
+    t = all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+    return {k: t[i].item() for i, k in enumerate(keys)}
+
+
 def mean_all(values: dict[str, float], d: E.Dist) -> dict[str, float]:
     """Average scalar metrics over ranks."""
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: (t[i] / d.world).item() for i, k in enumerate(keys)}
-
-
-def sum_all(values: dict[str, float]) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: t[i].item() for i, k in enumerate(keys)}
+    return {k: v / d.world for k, v in sum_all(values).items()}
 
 
 @torch.no_grad()
