@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from stages.artifacts import ArtifactError, ArtifactStore, code_fingerprint, json_digest
-from stages.config import SCHEMAS
+from stages.config import load_stage_config
 from stages.configfile import REPO_ROOT as REPO
-from stages.configfile import find_file, load_config, resolved
+from stages.configfile import find_file, read_yaml, resolved
 from stages.proc import HANDSHAKE, free_port, release_shm
 
 
@@ -30,7 +28,7 @@ def deepspeed_exe() -> str:
 def build_command(stage: str, config: str | Path, overrides: list[str] = ()) -> list[str]:
     """The launch command for a stage, validated first: a bad config fails here, in a second,
     not after the launcher has started ranks."""
-    cfg = load_config(SCHEMAS[stage], config, list(overrides))
+    cfg = load_stage_config(stage, config, overrides)
     ds = cfg.deepspeed
     cmd = [deepspeed_exe()]
     if ds.hostfile:
@@ -104,7 +102,7 @@ def launch_key(stage: str, config: str | Path, overrides: list[str],
     digests its artifact references resolve to, and the stage code. None when a reference
     does not resolve yet (the stage must run and decide). The stage keeps its own, finer
     check: this one only saves the launcher start when nothing changed."""
-    cfg = resolved(load_config(SCHEMAS[stage], config, list(overrides)))
+    cfg = resolved(load_stage_config(stage, config, overrides))
     parts: list = []
     try:
         _walk(cfg, None, store, parts, set())
@@ -127,9 +125,9 @@ def _walk(node, key, store: ArtifactStore, parts: list, seen: set) -> None:
             parts.append((key, node, store.resolve(node)))
         elif node.endswith((".yaml", ".yml")) and find_file(node).is_file() and node not in seen:
             seen.add(node)
-            text = find_file(node).read_text()
+            text = find_file(node).read_text(errors="replace")
             parts.append((node, hashlib.sha256(text.encode()).hexdigest()))
-            _walk(yaml.safe_load(text), None, store, parts, seen)
+            _walk(read_yaml(find_file(node)), None, store, parts, seen)
         elif key == "paths" or (key == "path" and not node.startswith(("s3:", "gs:"))):
             for f in sorted(glob.glob(str(find_file(node)))):
                 parts.append((f, hashlib.sha256(Path(f).read_bytes()).hexdigest()))

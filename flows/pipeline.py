@@ -187,13 +187,13 @@ def rm_flow(params: StageParams = StageParams(config="configs/demo/rm.yaml"),
 def validate(params: PipelineParams) -> None:
     """Load every stage's config with its overrides: a typo in the last stage fails now, not
     after the first stages have trained."""
-    from stages.config import SCHEMAS
-    from stages.configfile import ConfigError, load_config
+    from stages.config import load_stage_config
+    from stages.configfile import ConfigError
     if not params.stages():
         raise ConfigError(f"from_stage={params.from_stage}: that stage has no parameters")
     for stage in params.stages():
         p = getattr(params, stage)
-        load_config(SCHEMAS[stage], p.config, p.overrides)
+        load_stage_config(stage, p.config, p.overrides)
 
 
 @flow(name="ppo")

@@ -320,3 +320,17 @@ class PPOConfig(StageConfig):
 
 SCHEMAS: dict[str, type[StageConfig]] = {"pretrain": PretrainConfig, "sft": SFTConfig,
                                      "rm": RMConfig, "ppo": PPOConfig}
+
+
+def load_stage_config(stage: str, path, overrides: list[str] = ()) -> StageConfig:
+    """A stage's config and the data YAML it names (mixture or example set), both validated:
+    what the launcher checks before any rank starts, and what the stage reads again."""
+    from stages.configfile import load_config
+    from stages.datacfg import ExampleSetConfig, MixtureConfig
+    cfg = load_config(SCHEMAS[stage], path, list(overrides))
+    if stage == "pretrain":
+        load_config(MixtureConfig, cfg.data.mixture, what="mixture file")
+    else:
+        data = cfg.data.prompts if stage == "ppo" else cfg.data.dataset
+        load_config(ExampleSetConfig, data, what="dataset config")
+    return cfg

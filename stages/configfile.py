@@ -8,10 +8,11 @@ torch: flows import it.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the YAML."""
+
+
+class DataError(ValueError):
+    """A data problem found before training, naming the file (and line) and what is wrong."""
 
 
 class Strict(BaseModel):
@@ -37,6 +42,69 @@ def find_file(path: str | os.PathLike) -> Path:
     return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
+def jsonl_rows(lines: Iterable[bytes | str], where: str) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, row) for each non-blank line of a JSON-lines file, given as raw byte
+    lines (or decoded ones). Text that is not UTF-8, a line that is not JSON, or a value that
+    is not an object is a DataError naming the line, so a bad row fails in its reader, not deep
+    in a rank."""
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        at = f"{where}:{i}"
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as e:
+            raise DataError(f"{at}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                            f"{e.start + 1}); re-encode the file as UTF-8") from None
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{at}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{at}: each line must be a JSON object, got "
+                            f"{type(row).__name__}")
+        yield at, row
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    with open(path, "rb") as f:
+        yield from jsonl_rows(f, str(path))
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; other bytes are a DataError naming the line, not mojibake."""
+    blob = Path(path).read_bytes()
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = blob.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {blob[e.start:e.start + 1]!r}); "
+                        f"re-encode the file as UTF-8") from None
+
+
+def text_value(row: dict, key: str, at: str) -> str | None:
+    """row[key] as text: a string, or None when absent or null; anything else (a number, a
+    list) is a DataError, since str() would train on its repr without anyone noticing."""
+    value = row.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise DataError(f"{at}: field '{key}' must be text, got {type(value).__name__} "
+                    f"{_short(value)}")
+
+
+def number_value(row: dict, key: str, at: str) -> float:
+    value = row.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise DataError(f"{at}: field '{key}' must be a number, got {type(value).__name__} "
+                    f"{_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[str] = (),
                 what: str = "config file") -> Any:
     """Read `path`, apply `key.sub=value` overrides, validate against `schema`: the one way a
@@ -46,10 +114,7 @@ def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[s
     found = find_file(path)
     if not found.is_file():
         raise ConfigError(f"{path}: {what} not found")
-    try:
-        raw = yaml.safe_load(found.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(found, path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of fields, got {type(raw).__name__}")
     from_cli = set()
@@ -64,6 +129,16 @@ def load_config(schema: type[Strict], path: str | os.PathLike, overrides: list[s
         return schema.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_explain(path, schema, e, from_cli)) from None
+
+
+def read_yaml(found: Path, path: str | os.PathLike | None = None) -> Any:
+    """The parsed YAML of a file; a syntax error is a ConfigError naming it and the line."""
+    try:
+        return yaml.safe_load(found.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path or found}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path or found}: not valid YAML: {e}") from None
 
 
 def parse_stage_args(schema: type[Strict], argv: list[str]) -> tuple[Any, Path, list[str]]:

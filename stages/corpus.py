@@ -35,7 +35,7 @@ from typing import Iterator, Literal
 from pydantic import Field
 
 from stages.artifacts import ArtifactStore, default_home, input_key, sha256_file
-from stages.configfile import ConfigError, Strict, load_config
+from stages.configfile import ConfigError, DataError, Strict, jsonl_rows, load_config, text_value
 from stages.datacfg import Fetch
 from stages.metrics import headline
 from stages.proc import HANDSHAKE
@@ -175,6 +175,19 @@ def _deb_data(path: Path) -> bytes:
 
 # --- readers ------------------------------------------------------------------------------
 
+def checked_read(name: str, blob: bytes, src: CorpusSource, path: Path) -> Iterator[str]:
+    """The documents `read` finds, with a reader that does not fit its file named as such (a
+    raw KeyError from deep in a parser says nothing about which recipe line is wrong)."""
+    try:
+        yield from read(name, blob, src.extract)
+    except (ConfigError, DataError):
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise DataError(f"source {src.name}: reader '{src.extract.reader}' does not fit member "
+                        f"{name} of {path.name} ({type(e).__name__}: {e}); choose the reader "
+                        f"for this file's format or narrow `members`") from None
+
+
 def read(name: str, blob: bytes, ex: Extract) -> Iterator[str]:
     match ex.reader:
         case "text":
@@ -182,15 +195,14 @@ def read(name: str, blob: bytes, ex: Extract) -> Iterator[str]:
         case "gzip_text":
             yield gzip.decompress(blob).decode("utf-8", errors="replace")
         case "jsonl":
-            for line in blob.decode("utf-8", errors="replace").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    if all(str(row.get(k)) == v for k, v in ex.where.items()) and row.get(ex.field):
-                        yield str(row[ex.field])
+            lines = blob.decode("utf-8", errors="replace").splitlines()
+            for at, row in jsonl_rows(lines, name):
+                if all(str(row.get(k)) == v for k, v in ex.where.items()) and \
+                        (text := text_value(row, ex.field, at)):
+                    yield text
         case "json":
-            row = json.loads(blob)
-            if row.get(ex.field):
-                yield str(row[ex.field])
+            if text := text_value(json.loads(blob), ex.field, name):
+                yield text
         case "email":
             if name.endswith(".json"):
                 blob = json.loads(blob)[ex.field].encode("utf-8", errors="replace")
@@ -289,7 +301,7 @@ def build(recipe: CorpusRecipe, out: Path, cache: Path, log=print) -> dict:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(dest, "w") as fh:
             for name, blob in members(path, src.extract):
-                for raw in read(name, blob, src.extract):
+                for raw in checked_read(name, blob, src, path):
                     for doc in split_paragraphs(normalize(raw), recipe.max_doc_chars):
                         if len(doc) < recipe.min_chars:
                             short += 1
@@ -363,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         art = build_corpus(args.config, ArtifactStore(args.store), args.force)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{HANDSHAKE}{art.digest}", flush=True)

@@ -9,7 +9,6 @@ is padding. Everything is deterministic in the seed.
 from __future__ import annotations
 
 import glob
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.configfile import ConfigError, find_file, load_config
+from stages.configfile import ConfigError, DataError, find_file, load_config, read_jsonl, read_text, text_value
 from stages.datacfg import MixtureConfig, SourceConfig
 
 EOS = "<|endoftext|>"
@@ -32,10 +31,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BYTE_ALPHABET = 256
-
-
-class DataError(ValueError):
-    """A data problem found before training, naming the source and what is wrong."""
 
 
 def load_mixture(path: str | Path) -> MixtureConfig:
@@ -81,31 +76,34 @@ def _hub_texts(ds, src: SourceConfig) -> Iterator[str]:
         if src.text_field not in row:
             raise DataError(f"source {src.domain} ({src.dataset}): no field "
                             f"'{src.text_field}'; fields: {', '.join(row)}")
-        if row[src.text_field]:
-            yield row[src.text_field]
+        if text := text_value(row, src.text_field, f"{src.dataset} row"):
+            yield text
 
 
 def _read_file(f: Path, src: SourceConfig) -> Iterator[str]:
     if f.suffix == ".txt":
-        text = f.read_text(errors="replace")
+        text = read_text(f)
         if text.strip():
             yield text
     elif f.suffix == ".jsonl":
-        with open(f) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if src.text_field not in row:
-                    raise DataError(f"{f}:{lineno}: no field '{src.text_field}' (source "
-                                    f"{src.domain}); fields: {', '.join(row)}")
-                if row[src.text_field]:
-                    yield row[src.text_field]
+        for at, row in read_jsonl(f):
+            if src.text_field not in row:
+                raise DataError(f"{at}: no field '{src.text_field}' (source {src.domain}); "
+                                f"fields: {', '.join(row)}")
+            if text := text_value(row, src.text_field, at):
+                yield text
     else:
-        table = pq.read_table(f)
+        try:
+            table = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{f}: not a readable parquet file ({e})") from None
         if src.text_field not in table.column_names:
             raise DataError(f"{f}: no column '{src.text_field}' (source {src.domain}); "
                             f"columns: {', '.join(table.column_names)}")
+        if not pa.types.is_string(t := table.schema.field(src.text_field).type) and \
+                not pa.types.is_large_string(t):
+            raise DataError(f"{f}: column '{src.text_field}' must be text, its type is {t} "
+                            f"(source {src.domain})")
         yield from (t for t in table.column(src.text_field).to_pylist() if t)
 
 

@@ -342,8 +342,7 @@ def run(main) -> None:
     """A stage's entry point: bad input (config, data, artifacts) exits 2 with one clear line,
     a non-finite loss exits 3; anything else is a bug and keeps its traceback."""
     from stages.artifacts import ArtifactError
-    from stages.configfile import ConfigError
-    from stages.data import DataError
+    from stages.configfile import ConfigError, DataError
     try:
         main()
     except (ConfigError, DataError, ArtifactError, FloatingPointError) as e:
@@ -352,8 +351,11 @@ def run(main) -> None:
         # the process group alive aborts at interpreter exit and hides the exit code.
         if dist.is_initialized():
             dist.destroy_process_group()
-            proc.release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
         sys.exit(3 if isinstance(e, FloatingPointError) else 2)
+    finally:
+        # Whatever way a rank leaves (a bug's traceback too), its ~66 MB shared-memory buffer
+        # goes with it: nothing else unlinks it when the stage was launched by hand.
+        proc.release_shm(os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", ""))
 
 
 def log(d: Dist, msg: str) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from stages import sources, tasks
 from stages.artifacts import ArtifactStore, default_home, input_key, json_digest, sha256_file
-from stages.configfile import load_config
+from stages import configfile as C
+from stages.configfile import DataError, load_config, number_value, text_value
 from stages.datacfg import ExampleSetConfig, ExampleSource
-from stages.data import DataError, source_files
+from stages.data import source_files
 
 
 def load_example_set(path: str | Path) -> ExampleSetConfig:
@@ -40,12 +41,14 @@ def _rows(src: ExampleSource, fetched: dict) -> list[tuple[str, dict]]:
     out = []
     for f in source_files(src):
         if f.suffix == ".jsonl":
-            for i, line in enumerate(f.read_text().splitlines(), 1):
-                if line.strip():
-                    out.append((f"{f}:{i}", json.loads(line)))
+            out += C.read_jsonl(f)
         else:
+            import pyarrow as pa
             import pyarrow.parquet as pq
-            out += [(f"{f}[{i}]", r) for i, r in enumerate(pq.read_table(f).to_pylist())]
+            try:
+                out += [(f"{f}[{i}]", r) for i, r in enumerate(pq.read_table(f).to_pylist())]
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{f}: not a readable parquet file ({e})") from None
     return out
 
 
@@ -61,17 +64,18 @@ def _record(where: str, row: dict, src: ExampleSource, kind: str) -> dict:
     if missing:
         raise DataError(f"{where}: missing field(s) {missing} (source {src.name}); fields: "
                         f"{', '.join(row)}")
-    rec = {"source": src.name, "prompt": str(row[src.prompt_field])}
+    text = lambda key: text_value(row, key, where) or ""  # noqa: E731
+    rec = {"source": src.name, "prompt": text(src.prompt_field)}
     if kind == "sft":
-        rec["completion"] = str(row[src.completion_field])
+        rec["completion"] = text(src.completion_field)
     elif mismatched:
-        rec["chosen"] = str(row[src.completion_field])
+        rec["chosen"] = text(src.completion_field)
     elif kind == "preference":
-        rec["chosen"], rec["rejected"] = str(row[src.chosen_field]), str(row[src.rejected_field])
+        rec["chosen"], rec["rejected"] = text(src.chosen_field), text(src.rejected_field)
         if src.margin_field:
-            rec["margin"] = float(row[src.margin_field])
+            rec["margin"] = number_value(row, src.margin_field, where)
     if "group" in row:
-        rec["group"] = str(row["group"])
+        rec["group"] = str(row["group"])   # any value that names a group will do
     return rec
 
 
@@ -209,4 +213,5 @@ def get_example_set(path: str | Path, store: ArtifactStore, log=print):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    """The rows of an example-set file this module wrote."""
+    return [row for _, row in C.read_jsonl(path)]

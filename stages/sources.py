@@ -19,13 +19,12 @@ allow-list of licenses, so a non-commercial set cannot slip into a build by a gl
 from __future__ import annotations
 
 import gzip
-import json
 import re
 from pathlib import Path
 from typing import Iterator
 
 from stages import corpus as C
-from stages.configfile import ConfigError
+from stages.configfile import ConfigError, DataError, jsonl_rows
 
 # Licenses that allow any use with attribution. Matched against the license lines of LICENSE.md.
 ALLOWED_LICENSES = ("MIT", "Apache", "CC0", "Public Domain", "Creative Commons Attribution 4.0",
@@ -43,9 +42,16 @@ def rows(src, cache: Path) -> tuple[list[tuple[str, dict]], dict]:
     for name, blob in C.members(path, ex):
         if licenses is not None:
             check_license(licenses, name, src.where)
-        for i, row in enumerate(read(src.reader, name, blob, src)):
-            if all(str(row.get(k)) in v for k, v in src.where.items()):
-                out.append((f"{path.name}:{name}[{i}]", row))
+        try:
+            for i, row in enumerate(read(src.reader, f"{path.name}:{name}", blob, src)):
+                if all(str(row.get(k)) in v for k, v in src.where.items()):
+                    out.append((f"{path.name}:{name}[{i}]", row))
+        except (ConfigError, DataError):
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise DataError(f"source {src.name}: reader '{src.reader}' does not fit member "
+                            f"{name} of {path.name} ({type(e).__name__}: {e}); choose the "
+                            f"reader for this file's format or narrow `members`") from None
     if not out:
         raise ConfigError(f"source {src.name}: no rows read from {path.name} with members "
                           f"{src.members} and reader {src.reader}")
@@ -56,10 +62,10 @@ def read(reader: str, name: str, blob: bytes, src) -> Iterator[dict]:
     text = lambda: blob.decode("utf-8", errors="replace")  # noqa: E731
     match reader:
         case "jsonl":
-            yield from (json.loads(l) for l in text().splitlines() if l.strip())
+            yield from (row for _, row in jsonl_rows(text().splitlines(), name))
         case "chat":
-            for line in text().splitlines():
-                if line.strip() and (pair := chat_pair(json.loads(line))):
+            for _, row in jsonl_rows(text().splitlines(), name):
+                if pair := chat_pair(row):
                     yield pair
         case "faq_pod":
             for chunk in re.split(r"^=head2 ", text(), flags=re.M)[1:]:
@@ -73,9 +79,8 @@ def read(reader: str, name: str, blob: bytes, src) -> Iterator[dict]:
                 else text()
             yield from faq_text(body)
         case "shuffled":
-            for i, line in enumerate(text().splitlines()):
-                if line.strip():
-                    yield from shuffled_pairs(json.loads(line), f"{name}:{i}", src.instruction)
+            for at, row in jsonl_rows(text().splitlines(), name):
+                yield from shuffled_pairs(row, at, src.instruction)
 
 
 def tidy(text: str) -> str:

@@ -69,6 +69,15 @@ def test_run_rejects_bad_stage_overrides(tmp_path, capsys):
     code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
                        "--set", "pretrain:optim.lrr=1")
     assert code == 2 and "unknown field 'optim.lrr'" in err
+    bad = tmp_path / "mixture.yaml"
+    bad.write_text("name: m\nsources: [\n  - {a: 1\n")
+    code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
+                       "--set", f"pretrain:data.mixture={bad}")
+    assert code == 2 and f"{bad}: not valid YAML" in err and "line 3" in err
+    bad.write_text("name: m\nsources: []\nmax_epochs: lots\n")
+    code, _, err = run(capsys, "--store", str(tmp_path / "s"), "run", "--preset", "tiny",
+                       "--set", f"pretrain:data.mixture={bad}")
+    assert code == 2 and f"{bad}" in err and "max_epochs" in err
 
 
 def test_gc_finds_deepspeed_buffers_no_process_uses(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 
 from stages import corpus as C
 from stages.artifacts import ArtifactStore
-from stages.configfile import ConfigError
+from stages.configfile import ConfigError, DataError
 
 
 def ex(**kw):
@@ -113,6 +113,25 @@ def test_required_source_missing_and_recipe_errors(tmp_path, monkeypatch):
     nothing = {**STDLIB, "extract": {"reader": "text", "members": ["no/such/*.py"]}}
     with pytest.raises(ConfigError, match="no documents extracted"):
         C.build_corpus(recipe(tmp_path, [nothing]), ArtifactStore(tmp_path / "s"))
+
+
+def test_a_reader_that_does_not_fit_its_files_is_named(tmp_path):
+    # Python sources read as JSON lines: the recipe is wrong, and the error says which part.
+    wrong = {**STDLIB, "extract": {"reader": "jsonl", "members": ["json/__init__.py"],
+                                   "field": "text"}}
+    with pytest.raises(DataError, match=r"__init__.py:\d+: not valid JSON"):
+        C.build_corpus(recipe(tmp_path, [wrong]), ArtifactStore(tmp_path / "s"))
+    wrong = {**STDLIB, "extract": {"reader": "json", "members": ["json/tool.py"]}}
+    with pytest.raises(DataError, match=r"source stdlib: reader 'json' does not fit member "
+                                        r"json/tool.py"):
+        C.build_corpus(recipe(tmp_path, [wrong]), ArtifactStore(tmp_path / "s"))
+
+
+def test_a_malformed_recipe_is_a_config_error(tmp_path, capsys):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: x\nsources: [\n  - {a: 1\n")
+    assert C.main(["--config", str(bad), "--store", str(tmp_path / "s")]) == 2
+    assert f"{bad}: not valid YAML" in capsys.readouterr().err
 
 
 def test_pinned_hash_mismatch_is_refused(tmp_path, monkeypatch):

@@ -102,6 +102,35 @@ def test_missing_files_and_absent_text_field(tmp_path):
         list(D.source_documents(src(paths=[str(f)]), 0))
 
 
+# Bad file contents, by class: each one an error naming the file and line, never a raw
+# UnicodeDecodeError, JSONDecodeError or a number trained on as its repr.
+BAD_CONTENTS = [
+    ("d.jsonl", b'{"text": "fine"}\n{"text": "caf\xe9"}\n', r"d.jsonl:2: not UTF-8 text"),
+    ("d.jsonl", b'{"text": "fine"}\n{"text": "cut\n', r"d.jsonl:2: not valid JSON"),
+    ("d.jsonl", b'["text", "a list"]\n', r"d.jsonl:1: each line must be a JSON object, got list"),
+    ("d.jsonl", b'{"text": 42}\n', r"d.jsonl:1: field 'text' must be text, got int 42"),
+    ("d.jsonl", b'{"text": {"nested": "x"}}\n', r"d.jsonl:1: field 'text' must be text, got dict"),
+    ("d.txt", b"line one\nline \xff two\n", r"d.txt:2: not UTF-8 text"),
+    ("d.parquet", b"PAR1 this is not parquet", r"d.parquet: not a readable parquet file"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_CONTENTS)
+def test_bad_file_contents_name_the_file_and_line(tmp_path, name, content, message):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(D.DataError, match=message):
+        list(D.source_documents(src(paths=[str(f)]), 0))
+
+
+def test_a_parquet_text_column_of_numbers_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "n.parquet")
+    with pytest.raises(D.DataError, match=r"n.parquet: column 'text' must be text, its type is int64"):
+        list(D.source_documents(src(paths=[str(tmp_path / "n.parquet")]), 0))
+
+
 def test_batch_rows_cover_each_epoch_once_across_ranks():
     n_rows, mb, accum, world = 24, 2, 3, 2
     seen = []
@@ -143,3 +172,21 @@ def test_training_curves_png(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
     log.write_text(_json.dumps({"step": 1, "train/loss": 1.0}) + "\n")   # one point: nothing to draw
     assert plots.curves(log, tmp_path / "d.png", "test") is None
+
+
+def test_a_rank_that_dies_of_a_bug_releases_its_shared_memory(tmp_path, monkeypatch):
+    # A traceback keeps its traceback, but the rank's DeepSpeed buffer must not outlive it.
+    from stages import proc
+    monkeypatch.setattr(proc, "SHM_DIR", tmp_path)
+    monkeypatch.setenv("MASTER_PORT", "39999")
+    monkeypatch.setenv("RANK", "1")
+    mine = tmp_path / "deepspeed_allreduce_buffer_0_39999_1"
+    other = tmp_path / "deepspeed_allreduce_buffer_0_39999_0"
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+
+    def bug():
+        raise KeyError("a bug")
+    with pytest.raises(KeyError, match="a bug"):
+        E.run(bug)
+    assert not mine.exists() and other.exists()

@@ -83,6 +83,32 @@ def test_bad_sft_rows(tmp_path, rows, message):
         X.build(X.load_example_set(path), tmp_path / "out")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"question": "caf\xe9", "answer": "a"}\n', r"d.jsonl:1: not UTF-8 text"),
+    (b'{"question": "q", "answer": "a"}\n{"question": \n', r"d.jsonl:2: not valid JSON"),
+    (b'{"question": 7, "answer": "a"}\n', r"d.jsonl:1: field 'question' must be text, got int 7"),
+    (b'{"question": "q", "answer": ["a"]}\n', r"d.jsonl:1: field 'answer' must be text, got list"),
+    (b'"just a string"\n', r"d.jsonl:1: each line must be a JSON object, got str"),
+])
+def test_bad_file_contents_name_the_file_and_line(tmp_path, content, message):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(content)
+    path = write_set(tmp_path, sources=[{"name": "f", "type": "files", "paths": [str(f)],
+                                         "prompt_field": "question",
+                                         "completion_field": "answer"}])
+    with pytest.raises(DataError, match=message):
+        X.build(X.load_example_set(path), tmp_path / "out")
+
+
+def test_a_margin_that_is_not_a_number_is_refused(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "m": "big"}) + "\n")
+    path = write_set(tmp_path, kind="preference", sources=[
+        {"name": "f", "type": "files", "paths": [str(f)], "margin_field": "m"}])
+    with pytest.raises(DataError, match=r"p.jsonl:1: field 'm' must be a number, got str \"big\""):
+        X.build(X.load_example_set(path), tmp_path / "out")
+
+
 def test_chosen_identical_to_rejected(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "p", "chosen": "same", "rejected": "same "}) + "\n")
