@@ -16,6 +16,7 @@ file against the manifest. Nothing here is a pickle, and nothing imports torch (
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import json
@@ -29,11 +30,12 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -347,6 +349,14 @@ class ArtifactStore:
         self.fs.pipe_file(path, data)
         return True
 
+    # -- locks -----------------------------------------------------------------------------
+
+    def lock_path(self, name: str) -> Path:
+        """Locks live in a local store itself (every home sharing it sees them); for an object
+        store, in this machine's home."""
+        root = Path(self.base) if self.local else default_home()
+        return root / "locks" / f"{name}.lock"
+
     # -- reading ---------------------------------------------------------------------------
 
     def get(self, ref: str, verify: bool = True) -> Artifact:
@@ -497,6 +507,77 @@ class ArtifactStore:
                 self.fs.rm(path, recursive=True)
                 removed.append(path)
         return removed
+
+
+# --- one writer per key -------------------------------------------------------------------
+
+def _holder() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}"
+
+
+def try_lock(path: Path) -> tuple[int | None, str]:
+    """(fd, "") holding an exclusive flock on `path`, or (None, who holds it). The lock lasts
+    as long as the fd is open, so a killed holder never leaves a stale lock behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return None, holder
+    _mark(fd)
+    return fd, ""
+
+
+def _mark(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, _holder().encode(), 0)
+
+
+@contextmanager
+def exclusive(path: Path, what: str, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the lock at `path` for the block, waiting (and saying for whom) while another
+    process holds it."""
+    fd, holder = try_lock(path)
+    if fd is None:
+        log(f"{what}: {holder} is building the same thing; waiting for it (lock {path})")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _mark(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def staging_dir(kind: str, key: str) -> Path:
+    """A fresh directory of this writer's own under ALIGNFLOW_HOME/tmp: two builds of one key
+    never write into each other's files."""
+    d = default_home() / "tmp" / f"{kind}-{key[:12]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    d.mkdir(parents=True)
+    return d
+
+
+def _stderr(msg: str) -> None:
+    print(f"[alignflow] {msg}", file=sys.stderr, flush=True)
+
+
+def build_once(store: ArtifactStore, kind: str, key: str, build: Callable[[Path], Artifact],
+               force: bool = False, log: Callable[[str], None] = _stderr) -> Artifact:
+    """The artifact these inputs gave before, else `build(staging)`, under a lock named by the
+    key: two identical builds at once build once (the second waits, then reuses the first's
+    artifact), each writer in a staging directory of its own, removed afterwards."""
+    if not force and (hit := store.find_by_inputs(key)) is not None:
+        return hit
+    with exclusive(store.lock_path(f"{kind}-{key[:16]}"), f"{kind} {key[:12]}", log):
+        if not force and (hit := store.find_by_inputs(key)) is not None:
+            return hit
+        out = staging_dir(kind, key)
+        try:
+            return build(out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def _check_name(name: str) -> None:

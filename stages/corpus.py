@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -28,13 +29,14 @@ import sysconfig
 import tarfile
 import time
 import unicodedata
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Iterator, Literal
 
 from pydantic import Field
 
-from stages.artifacts import ArtifactStore, default_home, input_key, sha256_file
+from stages.artifacts import ArtifactStore, build_once, default_home, input_key, sha256_file
 from stages.configfile import ConfigError, DataError, Strict, jsonl_rows, load_config, text_value
 from stages.datacfg import Fetch
 from stages.metrics import headline
@@ -105,24 +107,46 @@ def fetch(f: Fetch, cache: Path) -> tuple[Path, dict]:
 
 
 def _download(f: Fetch, dest: Path) -> Path:
-    tmp = dest.with_name(dest.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A download of this writer's own: two builds fetching one package never share a folder.
+    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     tmp.mkdir(parents=True)
+    try:
+        return _download_into(f, tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_into(f: Fetch, tmp: Path, dest: Path) -> Path:
+    pinned = []
+    if f.via == "pip" and f.sha256:
+        # pip prepares an sdist's metadata (runs its build backend) after downloading it; with
+        # --require-hashes it checks the hash first, so no code from a wrong file ever runs.
+        (tmp / "pin.txt").write_text(f"{f.spec} --hash=sha256:{f.sha256}\n")
+        pinned = ["--require-hashes", "-r", str(tmp / "pin.txt")]
     cmd = {"pip": [sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                   "--disable-pip-version-check", "-d", str(tmp), f.spec],
-           "npm": ["npm", "pack", "-q", f.spec, "--pack-destination", str(tmp)],
+                   "--disable-pip-version-check", "-d", str(tmp / "got"),
+                   *(pinned or [f.spec])],
+           "npm": ["npm", "pack", "-q", f.spec, "--pack-destination", str(tmp / "got")],
            "apt": ["apt-get", "download", "-q", f.spec]}[f.via]
     if shutil.which(cmd[0]) is None:
         raise Unavailable(f"{cmd[0]} is not installed")
+    (tmp / "got").mkdir()
     try:
-        out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(cmd, cwd=tmp / "got", capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         raise Unavailable(f"{' '.join(cmd)} timed out") from None
-    files = [p for p in tmp.iterdir() if p.is_file()]
+    files = [p for p in (tmp / "got").iterdir() if p.is_file()]
     if out.returncode != 0 or len(files) != 1:
         raise Unavailable(f"{' '.join(cmd)} failed: {(out.stderr or out.stdout).strip()[-300:]}")
+    if dest.exists() and (dest / files[0].name).is_file() and \
+            (not f.sha256 or sha256_file(dest / files[0].name) == f.sha256):
+        return dest / files[0].name       # another build fetched it meanwhile
     shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    try:
+        os.replace(tmp / "got", dest)
+    except OSError:                       # another build put its copy there first
+        if not (dest / files[0].name).is_file():
+            raise
     return dest / files[0].name
 
 
@@ -346,9 +370,13 @@ def build_corpus(recipe_path: str | Path, store: ArtifactStore, force: bool = Fa
     if not force and (hit := store.find_by_inputs(key)) is not None:
         log(f"[corpus] {recipe.name}: unchanged recipe, reusing {hit.short}")
         return hit
+    return build_once(store, "corpus", key, lambda out: _build_artifact(
+        recipe, spec, key, out, store, log), force=force, log=log)
+
+
+def _build_artifact(recipe: CorpusRecipe, spec: dict, key: str, out: Path,
+                    store: ArtifactStore, log):
     t0 = time.time()
-    out = default_home() / "tmp" / f"corpus-{key[:12]}"
-    shutil.rmtree(out, ignore_errors=True)
     stats = build(recipe, out, default_home() / "downloads", log)
     sources = [{"name": n, "domain": s["domain"], "via": s["via"], "version": s["version"],
                 **({"sha256": s["sha256"]} if "sha256" in s else {}), "license": s["license"]}

@@ -189,6 +189,10 @@ class Metrics:
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
 
+    def rows(self) -> list[dict]:
+        """Every row logged so far, across resumes."""
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+
     def close(self) -> None:
         if self.tb:
             self.tb.close()
@@ -298,7 +302,10 @@ def trainer_args_as_json(out: Path, args) -> None:
     """The HF Trainer saves its arguments as a pickle (training_args.bin), which no model
     artifact may hold: keep them as JSON."""
     (out / "training_args.bin").unlink(missing_ok=True)
-    (out / "training_args.json").write_text(args.to_json_string())
+    # Relative to the run's work directory: the machine's paths are not what was trained, and
+    # would give the same weights another digest on every host.
+    fields = {**json.loads(args.to_json_string()), "output_dir": "checkpoints"}
+    (out / "training_args.json").write_text(json.dumps(fields, indent=2, sort_keys=True))
 
 
 def hf_log(history: list[dict]) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from stages import sources, tasks
-from stages.artifacts import ArtifactStore, default_home, input_key, json_digest, sha256_file
+from stages.artifacts import ArtifactStore, build_once, default_home, input_key, json_digest, sha256_file
 from stages import configfile as C
 from stages.configfile import DataError, load_config, number_value, text_value
 from stages.datacfg import ExampleSetConfig, ExampleSource
@@ -189,10 +189,13 @@ def get_example_set(path: str | Path, store: ArtifactStore, log=print):
     spec = {"set": cfg.model_dump(mode="json"),
             "fingerprints": [_fingerprint(s) for s in cfg.sources]}
     key = input_key(f"examples-{cfg.kind}", spec, [])
-    if (hit := store.find_by_inputs(key)) is not None:
-        return hit
+    return build_once(store, "examples", key,
+                      lambda out: _build_artifact(path, cfg, spec, key, out, store, log))
+
+
+def _build_artifact(path, cfg: ExampleSetConfig, spec: dict, key: str, out: Path,
+                    store: ArtifactStore, log):
     t0 = time.time()
-    out = default_home() / "tmp" / f"examples-{key[:12]}"
     try:
         stats = build(cfg, out)
     except DataError as e:

@@ -617,7 +617,6 @@ def main(argv: list[str] | None = None) -> None:
     export = run.work / "export"
     E.save_hf(actor, tok, export, d)
     if d.main:
-        (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
         (export / "samples.json").write_text(json.dumps(samples, indent=2))
         # Per held-out prompt, SFT and PPO: what the paired figures were computed from.
         (export / "heldout.json").write_text(json.dumps([
@@ -626,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                        ("ppo", last_eval))
                 for mode in o["outcomes"]}} for i, p in enumerate(eval_prompts)], indent=1))
         S.export(run, export, metrics=final, headline=headline(final, cfg),
+                 train_log=metrics.rows(),
                  datasets={"prompts": {"digest": data_art.digest, "train": len(train_prompts)}})
     metrics.close()
     E.shutdown(d)

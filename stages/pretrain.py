@@ -29,7 +29,7 @@ from stages import data as D
 from stages import engine as E
 from stages import metrics as M
 from stages import stage as S
-from stages.artifacts import ArtifactStore, input_key, json_digest, sha256_file
+from stages.artifacts import ArtifactStore, build_once, input_key, json_digest, sha256_file
 from stages.config import PretrainConfig
 from stages.configfile import ConfigError
 from stages.model import PRESETS, device_peak_flops, flops_per_token, llama_config, matmul_params
@@ -91,17 +91,18 @@ def get_tokenizer(cfg: PretrainConfig, mixture, fps: list[dict], store: Artifact
             "seed": cfg.run.seed}
     parents = corpus_parents(mixture, store)
     key = input_key("tokenizer", spec, parents)
-    if (hit := store.find_by_inputs(key)) is not None:
-        return AutoTokenizer.from_pretrained(hit.local_path()), hit.digest
-    t0 = time.time()
-    tok = D.train_tokenizer(tokenizer_texts(cfg, mixture, store), cfg.data.vocab_size)
-    out = E.default_home() / "tmp" / f"tokenizer-{key[:12]}"
-    tok.save_pretrained(out)
-    art = store.put(out, kind="tokenizer", stage="pretrain", name=f"{cfg.run.name}-tokenizer",
-                    parents=parents, config=spec, input_key=key, move=True,
-                    metrics={"data/vocab_size": len(tok)}, timings={"train_s": time.time() - t0},
-                    extra={"sources": source_entries(mixture, fps)})
-    return tok, art.digest
+
+    def train(out: Path):
+        t0 = time.time()
+        tok = D.train_tokenizer(tokenizer_texts(cfg, mixture, store), cfg.data.vocab_size)
+        tok.save_pretrained(out)
+        return store.put(out, kind="tokenizer", stage="pretrain",
+                         name=f"{cfg.run.name}-tokenizer", parents=parents, config=spec,
+                         input_key=key, move=True, metrics={"data/vocab_size": len(tok)},
+                         timings={"train_s": time.time() - t0},
+                         extra={"sources": source_entries(mixture, fps)})
+    art = build_once(store, "tokenizer", key, train)
+    return AutoTokenizer.from_pretrained(art.local_path()), art.digest
 
 
 def tokenizer_texts(cfg: PretrainConfig, mixture, store):
@@ -140,18 +141,17 @@ def get_dataset(cfg: PretrainConfig, mixture, fps, tok, tok_digest, store) -> st
     if tok_digest:
         parents.append({"role": "tokenizer", "digest": tok_digest})
     key = input_key("dataset", spec, parents)
-    if (hit := store.find_by_inputs(key)) is not None:
-        return hit.digest
-    t0 = time.time()
-    out = E.default_home() / "tmp" / f"dataset-{key[:12]}"
-    stats = build_dataset(cfg, mixture, tok, store, out)
-    art = store.put(out, kind="dataset", stage="pretrain", name=f"{cfg.run.name}-data",
-                    parents=parents, config=spec, input_key=key, move=True,
-                    metrics={"data/rows": stats["rows"], "data/tokens": stats["tokens"],
-                             "data/unigram_loss": stats["unigram_val_loss"]},
-                    timings={"build_s": time.time() - t0},
-                    extra={"mixture_stats": stats, "sources": source_entries(mixture, fps)})
-    return art.digest
+
+    def build(out: Path):
+        t0 = time.time()
+        stats = build_dataset(cfg, mixture, tok, store, out)
+        return store.put(out, kind="dataset", stage="pretrain", name=f"{cfg.run.name}-data",
+                         parents=parents, config=spec, input_key=key, move=True,
+                         metrics={"data/rows": stats["rows"], "data/tokens": stats["tokens"],
+                                  "data/unigram_loss": stats["unigram_val_loss"]},
+                         timings={"build_s": time.time() - t0},
+                         extra={"mixture_stats": stats, "sources": source_entries(mixture, fps)})
+    return build_once(store, "dataset", key, build).digest
 
 
 def build_dataset(cfg: PretrainConfig, mixture, tok, store, out: Path) -> dict:
@@ -361,8 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     export = run.work / "export"
     E.save_hf(engine, tokenizer, export, d)
     if d.main:
-        (export / "train_log.jsonl").write_bytes(metrics.path.read_bytes())
-        S.export(run, export, metrics=final, headline=headline,
+        S.export(run, export, metrics=final, headline=headline, train_log=metrics.rows(),
                  datasets={"train": {"digest": ds_art.digest,
                                      "tokens_per_domain": stats.get("tokens_per_domain"),
                                      "realized": stats.get("realized")}})

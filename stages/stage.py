@@ -18,7 +18,7 @@ from typing import Any
 
 from stages import engine as E
 from stages import plots
-from stages.artifacts import Artifact, ArtifactStore, input_key
+from stages.artifacts import Artifact, ArtifactStore, input_key, try_lock
 from stages.configfile import parse_stage_args, resolved
 from stages.proc import HANDSHAKE
 
@@ -36,6 +36,7 @@ class Run:
     parents: list[dict] = field(default_factory=list)   # [{"role", "digest"}], set by reused()
     key: str = ""                   # input key: config, parents and stage code
     work: Path | None = None        # scratch keyed by the input key: checkpoints, metrics
+    lock: int | None = None         # rank 0's open lock on the work directory, held to exit
     marks: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -73,26 +74,50 @@ def announce(digest: str) -> None:
     print(f"{HANDSHAKE}{digest}", flush=True)
 
 
+WAIT_S = 5.0   # how often a run waiting for another run's work directory looks again
+
+
 def reused(run: Run, **parents: str) -> bool:
     """Fix the run's parents (role=digest) and input key. True when an intact artifact with
     exactly these inputs exists: rank 0 registers it under the run's name and announces it,
-    and every rank leaves. Otherwise the run gets its work directory."""
+    and every rank leaves. Otherwise the run gets its work directory, locked by rank 0 for as
+    long as it lives: a second identical run waits for the first and then reuses its artifact,
+    instead of training into (and later deleting) the same checkpoints."""
     run.parents = [parent(role, digest) for role, digest in parents.items()]
     run.key = input_key(run.stage, resolved(run.cfg), run.parents)
-    d = run.d
-    if not run.cfg.run.force:
-        def find() -> bool:
-            hit = run.store.find_by_inputs(run.key)
-            if hit is not None:
-                run.store.tag(run.name, hit.digest)
-                E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} "
-                         f"(run.force=true retrains)")
-                announce(hit.digest)
-            return hit is not None
-        if E.on_rank0(find, d):
-            E.shutdown(d)
-            return True
     run.work = E.work_dir(run.name, run.cfg.run.work_dir, run.key)
+    d, said = run.d, []
+
+    def find():
+        return None if run.cfg.run.force else run.store.find_by_inputs(run.key)
+
+    def claim() -> str:
+        hit = find()
+        if hit is None:
+            # Checkpoints hold pickled optimizer state that resume unpickles: owner only.
+            run.work.mkdir(parents=True, exist_ok=True, mode=0o700)
+            run.work.chmod(0o700)
+            run.lock, holder = try_lock(run.work / ".lock")
+            if run.lock is None:
+                if not said:
+                    E.log(d, f"{run.work} is in use by {holder} (same stage, same inputs); "
+                             f"waiting for it, then its artifact is reused")
+                    said.append(holder)
+                return "wait"
+            hit = find()      # it may have finished just before the lock was free
+        if hit is None:
+            return "train"
+        run.store.tag(run.name, hit.digest)
+        E.log(d, f"unchanged inputs: reusing {hit.kind} {hit.short} (run.force=true retrains)")
+        announce(hit.digest)
+        return "reused"
+    # Every rank polls with rank 0 in short collectives: one long wait inside a collective
+    # would run into the process group's timeout.
+    while (state := E.on_rank0(claim, d)) == "wait":
+        time.sleep(WAIT_S)
+    if state == "reused":
+        E.shutdown(d)
+        return True
     return False
 
 
@@ -116,18 +141,40 @@ def timings(run: Run) -> dict:
     return out
 
 
+def is_clock(key: str) -> bool:
+    """Wall-clock facts of a log row: when and how fast, not what was computed."""
+    return key == "time" or key.startswith("perf/")
+
+
+def split_log(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(curve, clock) of a training log. The curve is what the run computed, one row per step
+    (a step logged again after a resume replaces the first): it goes into the artifact's files
+    and so into its digest. The clock (time, perf/*) goes into the manifest: two runs that
+    train the same weights get one digest, however fast each machine was."""
+    curve: dict[int, dict] = {}
+    clock: dict[int, dict] = {}
+    for row in rows:
+        step = row.get("step", 0)
+        curve.setdefault(step, {}).update({k: v for k, v in row.items() if not is_clock(k)})
+        timing = {k: v for k, v in row.items() if is_clock(k)}
+        if timing:
+            clock.setdefault(step, {"step": step}).update(timing)
+    return [curve[s] for s in sorted(curve)], [clock[s] for s in sorted(clock)]
+
+
 def export(run: Run, out: Path, *, metrics: dict, headline: dict, datasets: dict,
-           extra_parents: list[dict] = (), train_log: list[dict] | None = None) -> Artifact:
+           train_log: list[dict], extra_parents: list[dict] = ()) -> Artifact:
     """Rank 0: the exported directory `out` becomes the stage's model artifact. The training
-    curves go in with it; the manifest carries the metrics and the stage's own headline, which
-    every consumer (CLI, Prefect report, lineage) shows without knowing the stage."""
-    if train_log is not None:
-        (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_log))
+    curve goes in with it; the manifest carries the metrics, the log's timings and the stage's
+    own headline, which every consumer (CLI, Prefect report, lineage) shows without knowing
+    the stage."""
+    curve, clock = split_log(train_log)
+    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
     plots.curves(out / "train_log.jsonl", out / "curves.png", f"{run.stage} {run.name}")
     art = run.store.put(out, kind="model", stage=run.stage, name=run.name,
                         parents=run.parents + list(extra_parents), config=resolved(run.cfg),
                         input_key=run.key, move=True, datasets=datasets, metrics=metrics,
-                        timings=timings(run), extra={"headline": headline},
+                        timings=timings(run), extra={"headline": headline, "perf_log": clock},
                         command=E.launch_command(run.stage, run.cfg_path, run.overrides,
                                                  run.cfg.deepspeed))
     (run.work / "result.json").write_text(json.dumps({"digest": art.digest}))

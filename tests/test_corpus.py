@@ -143,3 +143,21 @@ def test_pinned_hash_mismatch_is_refused(tmp_path, monkeypatch):
     f = C.Fetch(via="pip", spec="pkg==1", sha256="0" * 64)
     with pytest.raises(ConfigError, match="does not match the pinned"):
         C.fetch(f, tmp_path / "cache")
+
+
+def test_a_wrong_sdist_is_refused_before_any_of_its_code_runs(tmp_path):
+    # pip prepares an sdist's metadata by running its setup.py; the pinned hash must be
+    # checked before that, or a swapped file on the index runs code on this machine.
+    marker = tmp_path / "setup_py_ran"
+    src = tmp_path / "evil-1.0"
+    src.mkdir()
+    (src / "setup.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')\n"
+                                  "from setuptools import setup; setup(name='evil', version='1.0')\n")
+    sdist = tmp_path / "evil-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="evil-1.0")
+    pinned = C.Fetch(via="pip", spec=str(sdist), sha256="0" * 64)
+    with pytest.raises(C.Unavailable, match="(?s)sha256.*0000"):
+        C._download(pinned, tmp_path / "cache" / "evil")
+    assert not marker.exists()
+    assert not list((tmp_path / "cache").glob("*"))      # nothing half-downloaded left behind

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from stages import engine as E
 from stages import metrics as M
 from stages.tasks import accuracies, gold_counts, gold_metrics
 
@@ -103,3 +104,25 @@ def test_mcnemar_exact_two_sided():
     assert mcnemar_p(before, after) == pytest.approx(expect)
     assert mcnemar_p([True, False], [True, False]) == 1.0          # nothing changed
     assert mcnemar_p([True, None], [False, True]) == 1.0           # one flip: p = 1
+
+
+def test_the_training_log_splits_into_curve_and_clock():
+    from stages.stage import split_log
+    rows = [{"step": 1, "time": 10.0, "train/loss": 2.0, "perf/step_s": 0.5},
+            {"step": 2, "time": 11.0, "train/loss": 1.5, "perf/step_s": 0.4},
+            {"step": 2, "time": 20.0, "train/loss": 1.5, "perf/step_s": 0.7},   # after a resume
+            {"step": 2, "eval/loss": 1.7}]
+    curve, clock = split_log(rows)
+    assert curve == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5, "eval/loss": 1.7}]
+    assert clock == [{"step": 1, "time": 10.0, "perf/step_s": 0.5},
+                     {"step": 2, "time": 20.0, "perf/step_s": 0.7}]
+    # an interrupted run, resumed, logs the same curve as one that was never stopped
+    assert split_log(rows[:2] + rows[3:])[0] == curve
+
+
+def test_trainer_arguments_keep_no_machine_path(tmp_path):
+    from transformers import TrainingArguments
+    args = TrainingArguments(output_dir=str(tmp_path / "runs" / "x" / "checkpoints"),
+                             use_cpu=True, report_to=[])
+    E.trainer_args_as_json(tmp_path, args)
+    assert str(tmp_path) not in (tmp_path / "training_args.json").read_text()

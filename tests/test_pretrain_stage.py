@@ -54,8 +54,9 @@ def test_two_ranks_train_export_and_generate(tmp_path):
         set(weights)
     log = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
-    assert log[-1]["train/loss"] < log[0]["train/loss"] and all(r["perf/tokens_per_s"] > 0
-                                                                for r in log)
+    assert log[-1]["train/loss"] < log[0]["train/loss"]
+    speeds = [r["perf/tokens_per_s"] for r in m["perf_log"] if "perf/tokens_per_s" in r]
+    assert len(speeds) == 6 and min(speeds) > 0       # timings in the manifest, not the files
 
     # plain transformers, no alignflow and no DeepSpeed, loads and generates
     script = (
