@@ -9,15 +9,17 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from stages.artifacts import ArtifactError, ArtifactStore, code_fingerprint, json_digest
+from stages.artifacts import (ArtifactError, ArtifactStore, code_fingerprint, default_home,
+                              default_store_root, inputs_of, json_digest)
 from stages.config import load_stage_config
 from stages.configfile import REPO_ROOT as REPO
-from stages.configfile import find_file, read_yaml, resolved
-from stages.proc import HANDSHAKE, free_port, release_shm
+from stages.configfile import find_file, read_yaml, resolved, shell_safe
+from stages.proc import GRACE_S, HANDSHAKE, free_port, release_shm
 
 
 def deepspeed_exe() -> str:
@@ -30,12 +32,27 @@ def build_command(stage: str, config: str | Path, overrides: list[str] = ()) -> 
     not after the launcher has started ranks."""
     cfg = load_stage_config(stage, config, overrides)
     ds = cfg.deepspeed
+    overrides = list(overrides)
     cmd = [deepspeed_exe()]
     if ds.hostfile:
         cmd += ["--hostfile", str(find_file(ds.hostfile)), "--num_nodes", str(ds.num_nodes)]
+        overrides = [shell_safe(o) for o in overrides + remote_needs(cfg)]
     cmd += ["--num_gpus", str(ds.num_gpus), "--master_port", str(ds.master_port or free_port()),
             "--module", f"stages.{stage}", "--config", str(config), *overrides]
     return cmd
+
+
+def remote_needs(cfg) -> list[str]:
+    """What ranks on other nodes must be told on the command line: the runner forwards only
+    PYTHON*/NCCL*-style variables, so ALIGNFLOW_STORE and ALIGNFLOW_HOME never arrive there.
+    The work directory is named explicitly too; the stage checks that every node sees it."""
+    out = []
+    if cfg.run.store is None:
+        root = default_store_root()
+        out.append(f"run.store={root if '://' in root else Path(root).absolute()}")
+    if cfg.run.work_dir is None:
+        out.append(f"run.work_dir={default_home() / 'runs' / cfg.run.name}")
+    return out
 
 
 def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], None] = print,
@@ -43,27 +60,39 @@ def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], 
     """Run a launch command in its own process group, streaming its output line by line.
 
     Returns (exit code, artifact digest printed by the stage). The deepspeed CLI does not
-    forward signals to its ranks, so a timeout or interrupt signals the whole group.
+    forward signals to its ranks, so a timeout or interrupt signals the whole group. The group
+    is led by a guard (`stages.proc.guard`) that stops it when this process dies, however it
+    dies. The timeout is a timer: a stage that hangs without printing is stopped too.
     """
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
                 "ALIGNFLOW_LAUNCH_COMMAND": shlex.join(cmd)}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+    guarded = [sys.executable, "-m", "stages.proc", "guard", str(os.getpid()), "--", *cmd]
+    proc = subprocess.Popen(guarded, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             errors="replace")
-    digest, deadline = None, time.time() + timeout if timeout else None
+    timed_out = threading.Event()
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), stop_group(proc))) \
+        if timeout else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    digest = None
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             if line.startswith(HANDSHAKE):
                 digest = line.split("=", 1)[1].strip()
             on_line(line)
-            if deadline and time.time() > deadline:
-                raise TimeoutError(f"{shlex.join(cmd)} ran past {timeout}s")
-        return proc.wait(), digest
+        code = proc.wait()
+        if timed_out.is_set():
+            raise TimeoutError(f"{shlex.join(cmd)} ran past {timeout}s and was stopped")
+        return code, digest
     except BaseException:
         stop_group(proc)
         raise
     finally:
+        if timer:
+            timer.cancel()
         release_job_shm(cmd)
 
 
@@ -74,21 +103,38 @@ def release_job_shm(cmd: list[str]) -> None:
         release_shm(cmd[cmd.index("--master_port") + 1])
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the launcher and every rank, then SIGKILL whatever is left after `grace`."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
+def stop_group(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
+    """SIGTERM the launcher and every rank, then SIGKILL whatever is left after `grace`. A
+    second Ctrl-C meanwhile is held until the group is gone: it must not cut the SIGKILL."""
+    with _interrupts_held():
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@contextmanager
+def _interrupts_held():
+    if threading.current_thread() is not threading.main_thread():
+        yield           # only the main thread receives signals
         return
+    held: list = []
+    previous = signal.signal(signal.SIGINT, lambda *a: held.append(a))
     try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 # Config keys whose values name artifacts; they are resolved to digests in the launch key.
@@ -102,7 +148,7 @@ def launch_key(stage: str, config: str | Path, overrides: list[str],
     digests its artifact references resolve to, and the stage code. None when a reference
     does not resolve yet (the stage must run and decide). The stage keeps its own, finer
     check: this one only saves the launcher start when nothing changed."""
-    cfg = resolved(load_stage_config(stage, config, overrides))
+    cfg = inputs_of(resolved(load_stage_config(stage, config, overrides)))
     parts: list = []
     try:
         _walk(cfg, None, store, parts, set())

@@ -34,7 +34,12 @@ def launch_task(stage: str, params: StageParams, store: str | None,
     """Run `deepspeed --module stages.<stage>` and return the artifact digest it printed.
     `parents` (config field -> digest) pins the exact artifacts the previous stages produced."""
     log = get_run_logger()
+    ctx = get_run_context()
+    run_id = str(getattr(getattr(ctx, "task_run", None), "flow_run_id", "") or "")
+    # What a rank needs is on its command line: DeepSpeed's multi-node runner forwards only a
+    # few environment variables to the other nodes.
     overrides = [*([f"run.store={store}"] if store else []),
+                 *([f"run.flow_run_id={run_id}"] if run_id else []),
                  *(["run.force=true"] if params.force else []),
                  *(f"{k}={v}" for k, v in (parents or {}).items()), *params.overrides]
     cmd = build_command(stage, params.config, overrides)
@@ -51,11 +56,8 @@ def launch_task(stage: str, params: StageParams, store: str | None,
     log.info("launching: %s", " ".join(cmd))
     # A relaunch after a failure finds the same work directory (keyed by the stage's inputs)
     # and resumes from its last complete checkpoint.
-    ctx = get_run_context()
-    run_id = str(getattr(getattr(ctx, "task_run", None), "flow_run_id", "") or "")
     progress = Progress(stage)
-    code, digest = run_stage(cmd, env={"ALIGNFLOW_FLOW_RUN_ID": run_id},
-                             on_line=lambda line: (log.info(line), progress.see(line)))
+    code, digest = run_stage(cmd, on_line=lambda line: (log.info(line), progress.see(line)))
     progress.done()
     if code != 0 or not digest:
         raise RuntimeError(f"stage {stage} failed with exit code {code}; see the log above")

@@ -129,15 +129,21 @@ def code_fingerprint() -> str:
 
 # Fields that say where a run happens, not what it computes: they never bust the cache.
 _NOT_INPUTS = (("run", "store"), ("run", "work_dir"), ("run", "log_every"), ("run", "force"),
+               ("run", "flow_run_id"),
                ("deepspeed", "master_port"), ("deepspeed", "hostfile"))
+
+
+def inputs_of(config: dict) -> dict:
+    """The resolved config without the fields that only say where and by whom it runs."""
+    cfg = json.loads(json.dumps(config))
+    for section, key in _NOT_INPUTS:
+        cfg.get(section, {}).pop(key, None)
+    return cfg
 
 
 def input_key(stage: str, config: dict, parents: list[dict]) -> str:
     """What decides a stage's output: its resolved config, its parents' digests, its code."""
-    cfg = json.loads(json.dumps(config))
-    for section, key in _NOT_INPUTS:
-        cfg.get(section, {}).pop(key, None)
-    return json_digest({"stage": stage, "config": cfg, "code": code_fingerprint(),
+    return json_digest({"stage": stage, "config": inputs_of(config), "code": code_fingerprint(),
                         "parents": sorted((p["role"], p["digest"]) for p in parents)})
 
 
@@ -224,7 +230,8 @@ class ArtifactStore:
             config: dict | None = None, datasets: dict | None = None,
             metrics: dict | None = None, timings: dict | None = None,
             command: list[str] | str | None = None, input_key: str | None = None,
-            extra: dict | None = None, move: bool = False) -> Artifact:
+            extra: dict | None = None, move: bool = False,
+            flow_run_id: str | None = None) -> Artifact:
         """Store the files of directory `src` as one artifact and register it under `name`.
 
         parents: [{"role": "model", "digest": ...}]; every parent must already be in the store.
@@ -252,7 +259,7 @@ class ArtifactStore:
             "schema_version": SCHEMA_VERSION, "digest": digest, "kind": kind, "stage": stage,
             "name": name, "files": files, "parents": parents, "config": config or {},
             "datasets": datasets or {}, "metrics": metrics or {}, "timings": timings or {},
-            "command": command, "flow_run_id": os.environ.get("ALIGNFLOW_FLOW_RUN_ID") or None,
+            "command": command, "flow_run_id": flow_run_id or os.environ.get("ALIGNFLOW_FLOW_RUN_ID") or None,
             "input_key": input_key, "code": code_version(), "packages": package_versions(),
             "host": host_info(), "created": now_iso(), **(extra or {}),
         }

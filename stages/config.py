@@ -23,8 +23,11 @@ class RunConfig(Strict):
                       pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     store: str | None = Field(None, description="Artifact store root: a path or fsspec URL. "
                               "Default: $ALIGNFLOW_STORE, else .alignflow/store.")
-    work_dir: str | None = Field(None, description="Local scratch for checkpoints and logs. "
-                                 "Default: .alignflow/runs/<name>.")
+    work_dir: str | None = Field(None, description="Scratch for checkpoints and logs; on "
+                                 "several nodes, a path every node mounts. Default: "
+                                 "$ALIGNFLOW_HOME/runs/<name>.")
+    flow_run_id: str | None = Field(None, description="The Prefect flow run that launched this "
+                                    "run (set by the flow; recorded in the manifest).")
     seed: int = Field(1337, description="One seed drives data order, init and sampling.")
     log_every: int = Field(10, gt=0, description="Steps between metric lines.")
     force: bool = Field(False, description="Train even when an artifact with exactly these "

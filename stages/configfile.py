@@ -7,6 +7,7 @@ torch: flows import it.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import json
 import os
@@ -141,10 +142,24 @@ def read_yaml(found: Path, path: str | os.PathLike | None = None) -> Any:
         raise ConfigError(f"{path or found}: not valid YAML: {e}") from None
 
 
+ENCODED = "--override-b64="
+_SHELL_SAFE = re.compile(r"[\w@%+=:,./-]+")
+
+
+def shell_safe(item: str) -> str:
+    """An override that survives any remote shell. DeepSpeed's multi-node runners join the
+    arguments into one shell command unquoted (pdsh wraps only those with spaces), so `$`, `;`
+    or quotes in a value would be interpreted there; such an item travels base64-encoded."""
+    if _SHELL_SAFE.fullmatch(item):
+        return item
+    return ENCODED + base64.urlsafe_b64encode(item.encode()).decode()
+
+
 def parse_stage_args(schema: type[Strict], argv: list[str]) -> tuple[Any, Path, list[str]]:
     """Parse `--config FILE [key=value ...]` as the stage scripts receive it from deepspeed."""
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
-    args = [a for a in argv if not a.startswith("--local_rank")]
+    args = [base64.urlsafe_b64decode(a[len(ENCODED):]).decode() if a.startswith(ENCODED) else a
+            for a in argv if not a.startswith("--local_rank")]
     if len(args) < 2 or args[0] != "--config":
         raise ConfigError("usage: --config FILE [key.sub=value ...]")
     path, overrides = Path(args[1]), args[2:]

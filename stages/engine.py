@@ -69,6 +69,13 @@ def broadcast(obj, d: Dist):
     return box[0]
 
 
+def gather_all(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def on_rank0(fn, d: Dist):
     """fn() on rank 0 and its result on every rank; if it raises there, every rank raises."""
     try:
@@ -221,17 +228,19 @@ def save_checkpoint(engines: dict, ckpt: Path, step: int, keep: int, d: Dist,
     every rank's RNG state and `client` (e.g. the KL controller) in the first engine's. The
     marker ckpt/complete is replaced only after all engines are written, so a run killed
     between two engines' saves resumes from the previous step, never from a mixed one."""
-    states = [None] * d.world
-    dist.all_gather_object(states, rng_state())
+    states = gather_all(rng_state(), d)
     tag = f"step{step:07d}"
     for i, (name, engine) in enumerate(engines.items()):
         state = {"step": step, "rng": states, **(client or {})} if i == 0 else {}
         engine.save_checkpoint(str(ckpt / name), tag=tag, client_state=state)
+    # On disk before the marker says so: a power cut must not leave a marker naming a
+    # checkpoint whose files were still in the page cache.
+    if d.local_rank == 0:       # one rank per node: the page cache is the node's
+        for name in engines:
+            fsync_tree(ckpt / name / tag)
     dist.barrier()
     if d.main:
-        tmp = ckpt / f".{COMPLETE}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt / COMPLETE)
+        write_durable(ckpt / COMPLETE, tag)
         for name in engines:
             prune_checkpoints(ckpt / name, keep, tag)
     dist.barrier()
@@ -240,9 +249,12 @@ def save_checkpoint(engines: dict, ckpt: Path, step: int, keep: int, d: Dist,
 def load_checkpoint(engines: dict, ckpt: Path, d: Dist) -> dict | None:
     """The client state of the newest checkpoint all engines completed (RNG restored), or
     None when there is none."""
-    if not (ckpt / COMPLETE).exists():
+    # Rank 0's marker decides for every rank: a rank reading its own disk could pick another
+    # step (or none) and train out of step with the rest.
+    tag = on_rank0(lambda: (ckpt / COMPLETE).read_text().strip()
+                   if (ckpt / COMPLETE).exists() else None, d)
+    if tag is None:
         return None
-    tag = (ckpt / COMPLETE).read_text().strip()
     client = None
     for name, engine in engines.items():
         path, state = engine.load_checkpoint(str(ckpt / name), tag=tag)
@@ -252,6 +264,35 @@ def load_checkpoint(engines: dict, ckpt: Path, d: Dist) -> dict | None:
         client = client or state
     set_rng_state(client["rng"][d.rank])
     return client
+
+
+def write_durable(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, on disk (file and directory entry) on return."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory below `root` (this rank's files and the others' it can
+    see), so what they name is on disk."""
+    if not root.exists():
+        return
+    for p in [root, *root.rglob("*")]:
+        if p.is_dir() or p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, newest: str) -> None:

@@ -543,9 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     if baseline and d.main:
         E.log(d, f"SFT on held-out prompts: reward {baseline['rl/reward']:.3f}, gold accuracy "
                  f"{baseline['gold/accuracy']:.3f} ({families(baseline)})")
-        (run.work / "baseline.json").write_text(json.dumps(baseline, indent=2))
-    if baseline is None:
-        baseline = json.loads((run.work / "baseline.json").read_text())
+        E.write_durable(run.work / "baseline.json", json.dumps(baseline, indent=2))
+    if baseline is None:    # resumed: rank 0's copy, whatever the other nodes' disks hold
+        baseline = E.on_rank0(lambda: json.loads((run.work / "baseline.json").read_text()), d)
     last_eval = baseline
     run.mark("models")
 

@@ -47,3 +47,57 @@ def leaked_shm(shm: Path = SHM_DIR, older_than_s: float = 3600,
         in_use |= {f for f in files if str(f) in held}
     cutoff = time.time() - (max(older_than_s, min_age_s) if blind else min_age_s)
     return sorted(f for f in files - in_use if f.exists() and f.stat().st_mtime < cutoff)
+
+
+# --- the job's guard ----------------------------------------------------------------------
+
+GRACE_S = 10.0   # between SIGTERM and SIGKILL when a job is stopped
+
+
+def guard(parent: int, cmd: list[str], poll_s: float = 0.5) -> int:
+    """Run `cmd` as a child in this process's group (the job's), and stop the whole group when
+    `parent` (the flow process) goes away, even by SIGKILL or the OOM killer: without it the
+    launcher and its ranks train on for nobody. Returns the child's exit code."""
+    import signal
+    import subprocess
+    child = subprocess.Popen(cmd)
+    # A SIGTERM to the group is meant for the launcher and ranks; the guard stays to finish
+    # the job off with SIGKILL after the grace.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            return child.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if not _alive(parent):
+            os.killpg(0, signal.SIGTERM)
+            try:
+                child.wait(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            port = cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else None
+            if port:
+                release_shm(port)
+            os.killpg(0, signal.SIGKILL)     # the guard goes with them
+            return 137
+
+
+def _alive(pid: int) -> bool:
+    if os.getppid() != pid:      # reparented: the parent is gone
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+if __name__ == "__main__":
+    import sys
+    # python -m stages.proc guard PARENT_PID -- COMMAND ...
+    if len(sys.argv) < 5 or sys.argv[1] != "guard" or sys.argv[3] != "--":
+        sys.exit("usage: python -m stages.proc guard PARENT_PID -- COMMAND ...")
+    sys.exit(guard(int(sys.argv[2]), sys.argv[4:]))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from stages import engine as E
 from stages import plots
 from stages.artifacts import Artifact, ArtifactStore, input_key, try_lock
-from stages.configfile import parse_stage_args, resolved
+from stages.configfile import ConfigError, parse_stage_args, resolved
 from stages.proc import HANDSHAKE
 
 
@@ -56,6 +58,14 @@ def setup(schema, stage: str, argv: list[str] | None, preflight) -> tuple[Run, A
     run = Run(stage, cfg, path, overrides, ArtifactStore(cfg.run.store))
     checked = preflight(cfg, run.store)
     run.d = E.init_distributed()
+    if run.d.world != cfg.deepspeed.world_size:
+        # Found now, before any artifact is registered; DeepSpeed would fail on the batch
+        # arithmetic half a minute later.
+        raise ConfigError(
+            f"{path}: launched with {run.d.world} rank(s), but deepspeed.num_gpus x num_nodes "
+            f"is {cfg.deepspeed.world_size}; launch with `deepspeed --num_gpus "
+            f"{cfg.deepspeed.num_gpus}` (what `alignflow run` does) or set deepspeed.num_gpus="
+            f"{run.d.world}")
     E.seed_all(cfg.run.seed)
     return run, checked
 
@@ -118,7 +128,30 @@ def reused(run: Run, **parents: str) -> bool:
     if state == "reused":
         E.shutdown(d)
         return True
+    check_shared(run.work, d)
     return False
+
+
+def check_shared(work: Path, d: E.Dist) -> None:
+    """Every rank must see the work directory rank 0 writes: checkpoints, their completion
+    marker and the ranks' ZeRO shards meet there. On node-local disks the other nodes would
+    restart at step 0 while node 0 resumes, and the collectives hang (measured)."""
+    mark = E.on_rank0(lambda: _write_mark(work), d)
+    seen = E.gather_all((socket.gethostname(), str(work), (work / mark).is_file()), d)
+    E.on_rank0(lambda: (work / mark).unlink(missing_ok=True), d)
+    blind = [f"rank {r} on {host} (looking in {path})"
+             for r, (host, path, ok) in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(f"the work directory is not shared: rank 0 on {seen[0][0]} writes to "
+                          f"{seen[0][1]}, which {'; '.join(blind)} cannot see. On several nodes "
+                          f"give run.work_dir a path every node mounts (`alignflow run` does: "
+                          f"$ALIGNFLOW_HOME/runs of the launching machine)")
+
+
+def _write_mark(work: Path) -> str:
+    name = f".shared-{uuid.uuid4().hex[:8]}"
+    (work / name).write_text(socket.gethostname())
+    return name
 
 
 def fit(trainer, run: Run) -> None:
@@ -175,6 +208,7 @@ def export(run: Run, out: Path, *, metrics: dict, headline: dict, datasets: dict
                         parents=run.parents + list(extra_parents), config=resolved(run.cfg),
                         input_key=run.key, move=True, datasets=datasets, metrics=metrics,
                         timings=timings(run), extra={"headline": headline, "perf_log": clock},
+                        flow_run_id=run.cfg.run.flow_run_id,
                         command=E.launch_command(run.stage, run.cfg_path, run.overrides,
                                                  run.cfg.deepspeed))
     (run.work / "result.json").write_text(json.dumps({"digest": art.digest}))

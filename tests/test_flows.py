@@ -1,4 +1,5 @@
 """Flows under prefect_test_harness: the pipeline runs the real launcher and publishes artifacts."""
+import shlex
 import subprocess
 import sys
 
@@ -153,6 +154,30 @@ def test_multi_node_launch_command_through_a_hostfile():
                       ["deepspeed.hostfile=infra/hostfiles/two-nodes.txt",
                        "deepspeed.num_nodes=2", "deepspeed.num_gpus=2",
                        "train.global_batch_size=6"])
+
+
+def test_remote_ranks_get_store_and_work_dir_on_the_command_line(tmp_path, monkeypatch):
+    # Before: the store and home reached remote ranks only through the environment, which
+    # DeepSpeed's pdsh runner does not forward; they wrote to a node-local default store.
+    from flows.launch import build_command
+    from stages.config import SCHEMAS
+    from stages.configfile import parse_stage_args
+    monkeypatch.setenv("ALIGNFLOW_STORE", str(tmp_path / "team-store"))
+    tiny = REPO / "configs" / "tiny" / "pretrain.yaml"
+    hostfile = ["deepspeed.hostfile=infra/hostfiles/two-nodes.txt", "deepspeed.num_nodes=2",
+                "deepspeed.num_gpus=2", "train.global_batch_size=16"]
+    cmd = build_command("pretrain", tiny, hostfile)
+    assert f"run.store={tmp_path / 'team-store'}" in cmd
+    assert f"run.work_dir={tmp_path / 'home' / 'runs' / 'tiny-pretrain'}" in cmd
+    # The runner joins arguments into a remote shell command: none may hold what a shell
+    # would interpret, and the stage still reads the value exactly.
+    odd = "/shared/my runs/$USER;touch x 'q'"
+    cmd = build_command("pretrain", tiny, [*hostfile, f"run.work_dir={odd}", "optim.lr=0.002"])
+    args = cmd[cmd.index("--config"):]
+    assert all(shlex.quote(a) == a for a in args[2:]), args
+    cfg, _, _ = parse_stage_args(SCHEMAS["pretrain"], args)
+    assert cfg.run.work_dir == odd and cfg.optim.lr == 0.002
+    assert cfg.run.store == str(tmp_path / "team-store")
 
 
 def test_launch_key_follows_every_input(tmp_path):
