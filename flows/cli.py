@@ -25,11 +25,19 @@ def _fmt_metrics(manifest: dict, limit: int = 4) -> str:
 
 def cmd_models(store: ArtifactStore, args) -> int:
     if not args.name:
-        rows = []
+        rows, damaged = [], []
         for name in store.names():
-            history = store.versions(name)
+            try:
+                history = store.versions(name)
+            except ArtifactError as e:     # one damaged name must not hide all the others
+                damaged.append(str(e))
+                continue
             if history:
-                latest = store.get(history[-1].digest, verify=False)
+                try:
+                    latest = store.get(f"{name}@{history[-1].version}", verify=False)
+                except ArtifactError as e:
+                    damaged.append(f"{name}@{history[-1].version}: {e}")
+                    continue
                 rows.append({"name": name, "versions": len(history), "kind": latest.kind,
                              "stage": latest.stage, "latest": history[-1].version,
                              "digest": latest.digest, "created": history[-1].created})
@@ -40,7 +48,9 @@ def cmd_models(store: ArtifactStore, args) -> int:
         for r in rows if not args.json else []:
             print(f"{r['name']:<28} {r['kind']:<10} {r['stage'] or '-':<9} "
                   f"v{r['latest']:<4} {r['digest'][:12]}  {r['created']}")
-        return 0
+        for problem in damaged:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1 if damaged else 0
     history = store.versions(args.name)
     if not history:
         print(f"error: no model named '{args.name}' in {store.root}", file=sys.stderr)
@@ -80,17 +90,23 @@ def cmd_show(store: ArtifactStore, args) -> int:
 
 
 def cmd_verify(store: ArtifactStore, args) -> int:
-    digests = [store.resolve(r) for r in args.refs] if args.refs else store.digests()
+    digests = [store.resolve(r) for r in args.refs] if args.refs else store.directories()
     bad = 0
     for d in digests:
         try:
-            store.get(d)
+            store.verify(d)
             print(f"ok       {d[:12]}")
         except ArtifactError as e:
             bad += 1
             print(f"DAMAGED  {e}")
-    print(f"{len(digests) - bad} ok, {bad} damaged")
-    return 1 if bad else 0
+            if args.quarantine:
+                print(f"         moved to {store.quarantine(d)}")
+    names = [] if args.refs else store.check_names()
+    for problem in names:
+        print(f"DAMAGED  {problem}")
+    print(f"{len(digests) - bad} ok, {bad} damaged" + (f", {len(names)} bad name record(s)"
+                                                        if names else ""))
+    return 1 if bad or names else 0
 
 
 def cmd_gc(store: ArtifactStore, args) -> int:
@@ -232,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("verify", help="check artifacts against their manifests")
-    s.add_argument("refs", nargs="*", help="default: every artifact in the store")
+    s.add_argument("refs", nargs="*", help="default: every artifact and name in the store")
+    s.add_argument("--quarantine", action="store_true",
+                   help="move damaged artifacts to quarantine/ (the next run republishes them)")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("run", help="run the pipeline flow (embedded Prefect, no server needed)")

@@ -16,6 +16,7 @@ file against the manifest. Nothing here is a pickle, and nothing imports torch (
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import getpass
 import hashlib
@@ -242,6 +243,11 @@ class ArtifactStore:
         src = Path(src)
         if not src.is_dir():
             raise ArtifactError(f"{src}: artifact source must be a directory")
+        links = sorted(p for p in src.rglob("*") if p.is_symlink())
+        if links:
+            # A link would store whatever it points at today (or a path outside the artifact).
+            raise ArtifactError(f"{links[0]}: a symbolic link in an artifact source; copy the "
+                                f"file it points to instead")
         if kind in ("model", "adapter"):
             pickles = sorted(p for p in src.rglob("*") if p.suffix in PICKLE_SUFFIXES)
             if pickles:
@@ -263,6 +269,12 @@ class ArtifactStore:
             "input_key": input_key, "code": code_version(), "packages": package_versions(),
             "host": host_info(), "created": now_iso(), **(extra or {}),
         }
+        if self._exists(digest):
+            try:
+                self.verify(digest)
+            except ArtifactError as e:   # a damaged copy must not block this digest for ever
+                where = self.quarantine(digest)
+                print(f"[alignflow] {e}; moved to {where}, publishing again", file=sys.stderr)
         if not self._exists(digest):
             self._publish(src, digest, manifest, move)
         art = self.get(digest)
@@ -284,12 +296,20 @@ class ArtifactStore:
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         final = self._dir(digest)
         if self.local:
+            if Path(final).exists():     # a directory without its manifest: damage, not data
+                self.quarantine(digest)
             stage = Path(self._p("tmp", f"{digest[:12]}-{uuid.uuid4().hex[:8]}"))
             stage.parent.mkdir(parents=True, exist_ok=True)
-            if move and os.stat(src).st_dev == os.stat(stage.parent).st_dev:
+            try:
+                if not move:
+                    raise OSError(errno.EXDEV, "copy asked for")
                 os.rename(src, stage)
-            else:
-                shutil.copytree(src, stage)
+            except OSError as e:
+                # Equal st_dev is no promise: bind mounts (containers, k8s subPaths) share a
+                # device and still refuse a rename across them with EXDEV.
+                if e.errno != errno.EXDEV:
+                    raise
+                shutil.copytree(src, stage, symlinks=True)
             (stage / MANIFEST).write_bytes(body)
             _fsync_tree(stage)
             Path(final).parent.mkdir(parents=True, exist_ok=True)
@@ -356,6 +376,46 @@ class ArtifactStore:
         self.fs.pipe_file(path, data)
         return True
 
+    def quarantine(self, digest: str) -> str:
+        """Move a damaged artifact out of the way (kept for inspection, never read again)."""
+        dest = self._p("quarantine", f"{digest}-{time.strftime('%Y%m%dT%H%M%S')}")
+        if self.local:
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(self._dir(digest), dest)
+        else:
+            self.fs.mv(self._dir(digest), dest, recursive=True)
+        return dest
+
+    def check_writable(self) -> None:
+        """A clear error now rather than a traceback at the first write, hours later."""
+        if not self.local:
+            return
+        base = Path(self.base)
+        if base.exists() and not base.is_dir():
+            raise ArtifactError(f"store {self.root} is a file, not a store directory")
+        probe = base / "tmp" / f".probe-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ArtifactError(f"store {self.root} is not writable ({e.strerror}); give "
+                                f"run.store a directory this user can write") from None
+
+    def check_names(self) -> list[str]:
+        """Problems under names/: unreadable version records, versions naming an artifact the
+        store does not hold."""
+        problems, have = [], set(self.digests())
+        for name in self.names():
+            try:
+                history = self.versions(name)
+            except ArtifactError as e:
+                problems.append(str(e))
+                continue
+            problems += [f"{name}@{v.version} names artifact {v.digest[:12]}, which is not in "
+                         f"the store" for v in history if v.digest not in have]
+        return problems
+
     # -- locks -----------------------------------------------------------------------------
 
     def lock_path(self, name: str) -> Path:
@@ -368,7 +428,13 @@ class ArtifactStore:
 
     def get(self, ref: str, verify: bool = True) -> Artifact:
         digest = self.resolve(ref)
-        manifest = self._read_manifest(digest)
+        try:
+            manifest = self._read_manifest(digest)
+        except NotFound:
+            if digest.startswith(ref.strip()):
+                raise
+            raise NotFound(f"'{ref}' names artifact {digest[:12]}, which is not in store "
+                           f"{self.root} (removed, or the store was copied without it)") from None
         art = Artifact(digest, manifest, self)
         if verify:
             self.verify(digest, manifest)
@@ -383,6 +449,8 @@ class ArtifactStore:
         except (ValueError, UnicodeDecodeError) as e:
             raise DamagedArtifact(f"artifact {digest[:12]}: {path} is not valid JSON ({e})") \
                 from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise DamagedArtifact(f"artifact {digest[:12]}: {path} has no file list")
         if manifest.get("digest") != digest:
             raise DamagedArtifact(f"artifact {digest[:12]}: {path} names digest "
                                   f"{str(manifest.get('digest'))[:12]}, not its directory's")
@@ -447,6 +515,10 @@ class ArtifactStore:
         """name, name@latest, name@N, or a digest prefix (>= 6 hex chars) -> full digest."""
         ref = ref.strip()
         name, _, ver = ref.partition("@")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+            # Checked before the name becomes a path: 'a/../../x' must not walk the disk.
+            raise NotFound(f"'{ref}' is not a reference: use a model name (letters, digits, "
+                           f"'.', '_', '-'), name@N, name@latest or a digest")
         if self.fs.exists(self._p("names", name)):
             history = self.versions(name)
             if not history:
@@ -475,6 +547,14 @@ class ArtifactStore:
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(root, detail=False)
                       if self.fs.exists(posixpath.join(p, MANIFEST)))
 
+    def directories(self) -> list[str]:
+        """Every artifact directory, with or without its manifest (for verify)."""
+        root = self._p("artifacts")
+        if not self.fs.exists(root):
+            return []
+        return sorted(b for p in self.fs.ls(root, detail=False)
+                      if re.fullmatch(r"[0-9a-f]{64}", b := posixpath.basename(p.rstrip("/"))))
+
     def names(self) -> list[str]:
         root = self._p("names")
         if not self.fs.exists(root):
@@ -488,8 +568,20 @@ class ArtifactStore:
         out = []
         for path in self.fs.ls(root, detail=False):
             if re.fullmatch(r"\d{6}\.json", posixpath.basename(path)):
-                out.append(Version(**json.loads(self.fs.cat_file(path))))
+                out.append(self._version(name, path))
         return sorted(out, key=lambda v: v.version)
+
+    def _version(self, name: str, path: str) -> Version:
+        try:
+            v = Version(**json.loads(self.fs.cat_file(path)))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise DamagedArtifact(f"model '{name}': version record {path} is damaged "
+                                  f"({type(e).__name__}: {e}); remove it or restore it from "
+                                  f"a backup") from None
+        if not re.fullmatch(r"[0-9a-f]{64}", str(v.digest)) or v.name != name:
+            raise DamagedArtifact(f"model '{name}': version record {path} does not name a "
+                                  f"digest of {name}")
+        return v
 
     def find_by_inputs(self, input_key: str) -> Artifact | None:
         """The artifact a stage produced from exactly these inputs, if it is still intact."""

@@ -56,6 +56,7 @@ def setup(schema, stage: str, argv: list[str] | None, preflight) -> tuple[Run, A
     process group and seed every generator alike. Returns the run and what preflight found."""
     cfg, path, overrides = parse_stage_args(schema, sys.argv[1:] if argv is None else argv)
     run = Run(stage, cfg, path, overrides, ArtifactStore(cfg.run.store))
+    run.store.check_writable()
     checked = preflight(cfg, run.store)
     run.d = E.init_distributed()
     if run.d.world != cfg.deepspeed.world_size:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -191,3 +192,99 @@ def test_writer_killed_at_any_point_leaves_store_consistent(store, tmp_path):
         for key_file in (Path(store.base) / "inputs").glob("*.json"):
             json.loads(key_file.read_text())  # never a torn index entry
     assert len(ArtifactStore(store.root).versions("big")) >= 1
+
+
+def test_a_damaged_copy_does_not_block_its_digest(store, tmp_path):
+    # Before: put saw the manifest, skipped publishing, and then raised on every later put.
+    art = put(store, tmp_path, FILES, kind="model", name="m")
+    (Path(store.base) / "artifacts" / art.digest / "model.safetensors").write_bytes(b"rot")
+    again = put(store, tmp_path, FILES, kind="model", name="m")
+    assert again.digest == art.digest and store.get("m").digest == art.digest    # verified
+    (kept,) = (Path(store.base) / "quarantine").iterdir()
+    assert kept.name.startswith(art.digest) and (kept / "model.safetensors").read_bytes() == b"rot"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "dangling", "no-manifest"])
+def test_damage_under_names_is_named_and_seen_by_verify(pipeline_store, capsys, damage):
+    from flows.cli import main
+    store, arts = pipeline_store
+    names = Path(store.base) / "names"
+    if damage == "garbage":
+        (names / "demo-rm" / "000002.json").write_text("{not json")
+        want = "version record"
+    elif damage == "dangling":
+        (names / "demo-rm" / "000002.json").write_text(json.dumps(
+            {"name": "demo-rm", "version": 2, "digest": "ab" * 32, "created": "now"}))
+        want = "which is not in"
+    else:
+        (Path(store.base) / "artifacts" / arts["rm"].digest / "manifest.json").unlink()
+        want = "which is not in|manifest.json not found"
+    # a stage resolving the name gets an error naming the problem, not a traceback
+    with pytest.raises(ArtifactError, match=want):
+        store.get("demo-rm")
+    # the listing still shows every other model, and says what is wrong with this one
+    code = main(["--store", store.root, "models"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "demo-sft" in out and "demo-ppo" in out and re.search(want, err)
+    code = main(["--store", store.root, "verify"])
+    out, _ = capsys.readouterr()
+    assert code == 1 and "DAMAGED" in out and re.search(want, out)
+    code = main(["--store", store.root, "lineage", "demo-ppo"])
+    _, err = capsys.readouterr()
+    assert code in (0, 2) and "Traceback" not in err
+
+
+def test_verify_quarantines_on_request(store, tmp_path, capsys):
+    from flows.cli import main
+    art = put(store, tmp_path, FILES, kind="model", name="m")
+    (Path(store.base) / "artifacts" / art.digest / "config.json").write_text("{}")
+    assert main(["--store", store.root, "verify", "--quarantine"]) == 1
+    assert "moved to" in capsys.readouterr().out
+    assert not (Path(store.base) / "artifacts" / art.digest).exists()
+    assert main(["--store", store.root, "verify"]) == 1      # the name now points at nothing
+    put(store, tmp_path, FILES, kind="model", name="m")       # a rerun republishes it
+    assert main(["--store", store.root, "verify"]) == 0
+
+
+@pytest.mark.parametrize("ref", ["../names/m", "a/b", "..", "m@../1", "/etc/passwd"])
+def test_references_are_checked_before_they_touch_a_path(store, tmp_path, ref):
+    put(store, tmp_path, FILES, kind="model", name="m")
+    with pytest.raises(NotFound, match="not a reference|version must be"):
+        store.resolve(ref)
+
+
+def test_a_symlink_in_an_artifact_source_is_refused(store, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ArtifactError, match="model.safetensors: a symbolic link"):
+        store.put(src, kind="model")
+
+
+def test_a_move_across_a_bind_mount_falls_back_to_a_copy(store, tmp_path, monkeypatch):
+    # A bind mount shares st_dev and still refuses rename with EXDEV (containers, k8s subPaths).
+    import errno
+    real = os.rename
+
+    def rename(a, b):
+        if "src-" in str(a):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(a, b)
+    monkeypatch.setattr(os, "rename", rename)
+    art = put(store, tmp_path, FILES, kind="model", name="m", move=True)
+    assert store.get("m").digest == art.digest
+
+
+def test_a_read_only_store_is_said_so_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    def read_only(self, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(Path, "mkdir", read_only)      # a read-only mount, as root sees it too
+    with pytest.raises(ArtifactError, match=r"store .*ro is not writable \(Read-only file system\)"):
+        ArtifactStore(tmp_path / "ro").check_writable()
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="is a file"):
+        ArtifactStore(tmp_path / "file").check_writable()

@@ -160,3 +160,18 @@ def test_zero3_and_optimizer_offload_train_the_same_model(tmp_path):
                                                          .items())]
     for template in ("zero3", "zero2_offload"):
         assert losses[template] == pytest.approx(losses["zero2"], rel=1e-4), template
+
+
+def test_a_rank_count_that_does_not_match_the_config_fails_before_any_work(tmp_path):
+    # Before: DeepSpeed failed on the batch arithmetic ~24 s in, after a tokenizer and a
+    # dataset had been registered.
+    cmd = build_command("pretrain", TINY, [f"run.store={tmp_path / 'store'}"])
+    cmd[cmd.index("--num_gpus") + 1] = "1"          # the config says 2
+    lines: list[str] = []
+    code, digest = run_stage(cmd, on_line=lines.append, timeout=300,
+                             env={"ALIGNFLOW_HOME": str(tmp_path / "home")})
+    out = "\n".join(lines)
+    assert code == 2 and digest is None, out[-3000:]
+    assert "launched with 1 rank(s), but deepspeed.num_gpus x num_nodes is 2" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "store" / "names").exists()      # nothing registered
