@@ -188,9 +188,25 @@ def cmd_serve(store: ArtifactStore, args) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def cmd_server(store: ArtifactStore, args) -> int:
-    """Start the Prefect UI and API, on loopback unless asked otherwise."""
+    """Start the Prefect UI and API, on loopback unless asked otherwise. Any web page the user
+    opens can send requests to 127.0.0.1, so the API takes only requests that carry Prefect's
+    CSRF token, answers cross-origin requests from its own UI's origin only, and is not put
+    on a network without a login."""
     prefect_env()
+    if args.host not in LOOPBACK and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+        raise ConfigError(f"--host {args.host} puts the API (which starts training jobs) on the "
+                          f"network without a login: set PREFECT_SERVER_API_AUTH_STRING=user:pass "
+                          f"(and PREFECT_API_AUTH_STRING for clients), or keep the default "
+                          f"127.0.0.1")
+    origin = f"http://{args.host}:{args.port}"
+    os.environ.setdefault("PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED", "true")
+    os.environ.setdefault("PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS", origin)
+    # The UI asks this for its API address; left alone it is 4200 whatever --port says.
+    os.environ.setdefault("PREFECT_UI_API_URL", f"{origin}/api")
     exe = os.path.join(os.path.dirname(sys.executable), "prefect")
     print(f"Prefect UI on http://{args.host}:{args.port} (state in {os.environ['PREFECT_HOME']}).\n"
           f"Runs report there when started with "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from stages.config import STAGES
+from stages.configfile import REPO_ROOT, find_file
 
 class StageParams(BaseModel):
-    config: str = Field(description="Stage config YAML, relative to the alignflow checkout.")
+    config: str = Field(description="Stage config YAML under configs/ of the alignflow "
+                        "checkout, e.g. configs/demo/sft.yaml.")
     overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides, "
                                  "e.g. optim.lr=1e-4 or train.max_steps=50.")
     force: bool = Field(False, description="Retrain even if an artifact with these exact "
@@ -17,6 +19,17 @@ class StageParams(BaseModel):
     retries: int = Field(0, ge=0, le=10, description="Relaunch a failed stage this many times; "
                          "a relaunch resumes from the stage's last checkpoint.")
     retry_delay_s: float = Field(30, ge=0, description="Seconds between relaunches.")
+
+    @field_validator("config")
+    @classmethod
+    def _under_configs(cls, value: str) -> str:
+        # The Run form is reachable from a browser: it may pick a shipped config, not any
+        # file on the machine (the config names data files and what runs).
+        configs = (REPO_ROOT / "configs").resolve()
+        path = find_file(value).resolve()
+        if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
+            raise ValueError(f"config {value!r}: must be a YAML file under {configs}")
+        return value
 
 
 class PipelineParams(BaseModel):

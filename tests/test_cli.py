@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.cli import main
 from stages.proc import leaked_shm
 from tests.conftest import REPO
@@ -116,3 +118,19 @@ def test_sample_refuses_a_bad_token_budget(pipeline_store, capsys):
               "--max-new-tokens", "-1"])
     assert e.value.code == 2 and "'-1' is not a whole number of at least 1" in \
         capsys.readouterr().err
+
+
+def test_server_refuses_the_network_without_a_login(capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
+    code, _, err = run(capsys, "server", "--host", "0.0.0.0")
+    assert code == 2 and "without a login" in err and "PREFECT_SERVER_API_AUTH_STRING" in err
+
+
+@pytest.mark.parametrize("config", ["/etc/passwd", "datasets_cfg/demo_sft.yaml",
+                                    "configs/../datasets_cfg/demo_sft.yaml"])
+def test_the_run_form_takes_only_shipped_configs(config):
+    from pydantic import ValidationError
+    from flows.params import StageParams
+    with pytest.raises(ValidationError, match="must be a YAML file under"):
+        StageParams(config=config)
+    assert StageParams(config="configs/tiny/sft.yaml").config == "configs/tiny/sft.yaml"
