@@ -52,6 +52,9 @@ TRACKED_PACKAGES = ("alignflow", "torch", "transformers", "trl", "datasets", "to
 _CHUNK = 1 << 20
 
 
+_VERIFIED_CACHE: set[str] = set()   # cached downloads this process has checked once
+
+
 class ArtifactError(Exception):
     """Base for store errors; messages name the artifact and the file."""
 
@@ -371,7 +374,17 @@ class ArtifactStore:
                 return False
             finally:
                 tmp.unlink()
-        if self.fs.exists(path):  # object stores: best effort; the race window is one request
+        try:
+            # Exclusive create where the filesystem has it (memory, s3 with If-None-Match):
+            # two writers cannot both take one version number.
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError, TypeError):
+            pass
+        if self.fs.exists(path):  # no exclusive create: best effort, a one-request window
             return False
         self.fs.pipe_file(path, data)
         return True
@@ -499,14 +512,24 @@ class ArtifactStore:
         if self.local:
             return Path(self._dir(digest))
         cache = default_home() / "cache" / digest
-        if not (cache / MANIFEST).exists():
-            tmp = cache.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
-            self.fs.get(self._dir(digest) + "/", str(tmp), recursive=True)
-            hashed = hash_tree(tmp)
-            if tree_digest(hashed) != digest:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise DamagedArtifact(f"artifact {digest[:12]}: download does not match digest")
-            os.replace(tmp, cache)
+        if digest in _VERIFIED_CACHE:
+            return cache
+        # One download per node: the ranks of a node share the cache, and without the lock
+        # two of them race on the final rename (ENOTEMPTY killed the job).
+        with exclusive(default_home() / "locks" / f"cache-{digest[:16]}.lock",
+                       f"download of {digest[:12]}", lambda m: None):
+            if (cache / MANIFEST).exists() and tree_digest(hash_tree(cache)) != digest:
+                shutil.rmtree(cache)            # a damaged copy: fetch it again
+            if not (cache / MANIFEST).exists():
+                tmp = cache.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
+                self.fs.get(self._dir(digest) + "/", str(tmp), recursive=True)
+                if tree_digest(hash_tree(tmp)) != digest:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise DamagedArtifact(f"artifact {digest[:12]}: download does not match "
+                                          f"digest")
+                shutil.rmtree(cache, ignore_errors=True)   # a partial copy without manifest
+                os.replace(tmp, cache)
+        _VERIFIED_CACHE.add(digest)
         return cache
 
     # -- names and references --------------------------------------------------------------

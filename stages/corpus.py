@@ -49,6 +49,8 @@ class Extract(Strict):
     reader: Literal["jsonl", "json", "text", "gzip_text", "email", "brown", "factbook", "pod"]
     members: list[str] = Field(description="Globs of paths inside the archive.")
     exclude: list[str] = Field(default_factory=list)
+    max_member_mb: int = Field(256, gt=0, description="Largest member read (after "
+                               "decompression): a bigger one is refused, not read into memory.")
     field: str = Field("text", description="jsonl/json: field with the text; email: the field "
                        "holding the raw message when members are JSON files.")
     where: dict[str, str] = Field(default_factory=dict, description="jsonl: keep rows whose "
@@ -157,29 +159,40 @@ def members(path: Path, ex: Extract) -> Iterator[tuple[str, bytes]]:
     def wanted(name: str) -> bool:
         return any(fnmatch.fnmatch(name, g) for g in ex.members) and \
             not any(fnmatch.fnmatch(name, g) for g in ex.exclude)
+    cap = ex.max_member_mb << 20
+
+    def capped(name: str, f) -> bytes:
+        # Read one byte past the cap: a size field can lie, the bytes cannot.
+        blob = f.read(cap + 1)
+        if len(blob) > cap:
+            raise DataError(f"{path.name}: member {name} is over max_member_mb="
+                            f"{ex.max_member_mb}; raise it in the recipe if this is expected")
+        return blob
     if path.is_dir():
         for p in sorted(path.rglob("*")):
             rel = p.relative_to(path).as_posix()
-            if p.is_file() and wanted(rel):
-                yield rel, p.read_bytes()
+            if p.is_file() and not p.is_symlink() and wanted(rel):
+                with open(p, "rb") as f:
+                    yield rel, capped(rel, f)
     elif path.suffix == ".whl":
         with zipfile.ZipFile(path) as z:
             for name in z.namelist():
                 if wanted(name):
-                    yield name, z.read(name)
+                    with z.open(name) as f:
+                        yield name, capped(name, f)
     elif path.suffix == ".deb":
         yield from _tar_members(tarfile.open(fileobj=io.BytesIO(_deb_data(path)), mode="r:*"),
-                                wanted)
+                                wanted, capped)
     else:  # .tgz / .tar.gz: stream in order, random access into a gzip is quadratic
-        yield from _tar_members(tarfile.open(path, mode="r|*"), wanted)
+        yield from _tar_members(tarfile.open(path, mode="r|*"), wanted, capped)
 
 
-def _tar_members(tar: tarfile.TarFile, wanted) -> Iterator[tuple[str, bytes]]:
+def _tar_members(tar: tarfile.TarFile, wanted, capped) -> Iterator[tuple[str, bytes]]:
     with tar:
         for m in tar:
             name = m.name.removeprefix("./")
             if m.isfile() and wanted(name):
-                yield name, tar.extractfile(m).read()
+                yield name, capped(name, tar.extractfile(m))
 
 
 def _deb_data(path: Path) -> bytes:
@@ -217,7 +230,12 @@ def read(name: str, blob: bytes, ex: Extract) -> Iterator[str]:
         case "text":
             yield blob.decode("utf-8", errors="replace")
         case "gzip_text":
-            yield gzip.decompress(blob).decode("utf-8", errors="replace")
+            with gzip.GzipFile(fileobj=io.BytesIO(blob)) as g:
+                text = g.read((ex.max_member_mb << 20) + 1)
+            if len(text) > ex.max_member_mb << 20:
+                raise DataError(f"member {name}: decompresses to over max_member_mb="
+                                f"{ex.max_member_mb}")
+            yield text.decode("utf-8", errors="replace")
         case "jsonl":
             lines = blob.decode("utf-8", errors="replace").splitlines()
             for at, row in jsonl_rows(lines, name):

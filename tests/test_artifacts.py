@@ -150,6 +150,53 @@ def test_fsspec_memory_store(tmp_path):
         store.get("remote@1")
 
 
+def test_ranks_filling_the_download_cache_at_once_do_not_race(tmp_path, monkeypatch):
+    # Before: every rank downloaded and os.replace'd into the same cache folder; the loser of
+    # the race died with ENOTEMPTY.
+    import threading
+    from stages import artifacts as A
+    store = ArtifactStore(f"memory://alignflow-cache-{os.getpid()}")
+    art = put(store, tmp_path, FILES, kind="model", name="remote")
+    real_get, downloads = store.fs.get, []
+
+    def slow_get(*a, **kw):
+        downloads.append(1)
+        time.sleep(0.3)                  # the window in which another rank arrives
+        return real_get(*a, **kw)
+    monkeypatch.setattr(store.fs, "get", slow_get)
+    errors, paths = [], []
+
+    def rank():
+        try:
+            paths.append(store.local_path(art.digest))
+        except Exception as e:       # noqa: BLE001 - what the test looks for
+            errors.append(e)
+    threads = [threading.Thread(target=rank) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(paths)) == 1 and len(downloads) == 1
+    # a cached copy damaged on disk is fetched again, not trusted
+    A._VERIFIED_CACHE.clear()
+    (paths[0] / "config.json").write_text("rot")
+    assert (store.local_path(art.digest) / "config.json").read_text() == '{"a": 1}'
+    assert len(downloads) == 2
+
+
+def test_two_writers_cannot_take_one_version_number_on_an_object_store(tmp_path, monkeypatch):
+    # Before: exists() then pipe_file(), so two writers that both looked first both wrote. Now
+    # the write itself is the conditional create the filesystem offers (mode "xb").
+    store = ArtifactStore(f"memory://alignflow-versions-{os.getpid()}")
+    path = f"{store.base}/names/m/000001.json"
+    modes, real_open = [], store.fs.open
+    monkeypatch.setattr(store.fs, "open", lambda p, mode="rb", **kw: (
+        modes.append(mode), real_open(p, mode, **kw))[1])
+    assert store._create_exclusive(path, b'{"first": 1}') is True and modes == ["xb"]
+    assert store._create_exclusive(path, b'{"second": 2}') is False
+    assert store.fs.cat_file(path) == b'{"first": 1}'
+
+
 def test_staging_left_by_a_killed_writer_is_invisible_and_collected(store, tmp_path):
     put(store, tmp_path, FILES, kind="model", name="m")
     stale = Path(store.base) / "tmp" / "deadbeef0000-1234"

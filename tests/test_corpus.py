@@ -161,3 +161,15 @@ def test_a_wrong_sdist_is_refused_before_any_of_its_code_runs(tmp_path):
         C._download(pinned, tmp_path / "cache" / "evil")
     assert not marker.exists()
     assert not list((tmp_path / "cache").glob("*"))      # nothing half-downloaded left behind
+
+
+def test_an_archive_member_over_the_cap_is_refused_not_read(tmp_path):
+    big = tmp_path / "big.tar.gz"
+    with tarfile.open(big, "w:gz") as tar:
+        data = b"a" * (2 << 20)
+        info = tarfile.TarInfo("docs/huge.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"big.tar.gz: member docs/huge.txt is over max_member_mb=1"):
+        list(C.members(big, ex(reader="text", members=["docs/*"], max_member_mb=1)))
+    assert [n for n, _ in C.members(big, ex(reader="text", members=["docs/*"]))] == ["docs/huge.txt"]
