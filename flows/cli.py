@@ -175,6 +175,9 @@ def cmd_serve(store: ArtifactStore, args) -> int:
     # The runner looks for runs to start or cancel this often; cancellation must reach the
     # stage's process group within seconds, not Prefect's default 10 s.
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
+    from flows.deploy import HEARTBEAT_S, ensure_automations
+    # Runs beat while alive; the zombie automation crashes the ones whose process died.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))
     if not os.environ.get("PREFECT_API_URL"):
         print("note: PREFECT_API_URL is not set: serving against a temporary embedded server "
               "that the UI cannot reach; start `alignflow server` and export "
@@ -184,6 +187,7 @@ def cmd_serve(store: ArtifactStore, args) -> int:
     from flows.deploy import deployments, load_schedules
     schedules = load_schedules(args.schedules) if args.schedules else []
     deps = deployments(schedules, store=store.root)
+    ensure_automations()
     serve(*deps, limit=args.limit)
     return 0
 

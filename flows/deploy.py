@@ -82,3 +82,42 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+ZOMBIE_AUTOMATION = "alignflow: crash runs that stopped beating"
+HEARTBEAT_S = 60
+
+
+def zombie_automation():
+    """A flow run whose process died (SIGKILL, OOM, a lost node) stays Running for ever: the
+    process that would report its end is gone. Runs started by `alignflow serve` send a
+    heartbeat every HEARTBEAT_S; this automation marks a run Crashed when three beats are
+    missing (Prefect's recipe for zombie flow runs), so the UI and retries see the truth. The
+    job itself is already stopped by its guard (stages/proc.py)."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    ends = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return Automation(
+        name=ZOMBIE_AUTOMATION,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=3 * HEARTBEAT_S)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {3 * HEARTBEAT_S} s: the flow "
+                                            f"process died")])
+
+
+def ensure_automations() -> None:
+    """Create the automations alignflow relies on, once per server."""
+    from prefect.automations import Automation
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION)
+    except ValueError:
+        zombie_automation().create()

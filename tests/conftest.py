@@ -66,9 +66,11 @@ def pipeline_store(store, tmp_path):
                    "sft": sft, "rm": rm, "ppo": ppo}
 
 
-def kill_after_checkpoint(cmd: list[str], work: Path, home: Path) -> None:
-    """Start `cmd`, wait for its first complete checkpoint under `work`, then SIGKILL the
-    launcher and every rank (the way a preempted node dies)."""
+def kill_after_checkpoint(cmd: list[str], work: Path, home: Path,
+                          marker: str = "*/checkpoints/complete") -> None:
+    """Start `cmd`, wait for its first complete checkpoint under `work` (`marker`: ours, or
+    the HF Trainer's trainer_state.json), then SIGKILL the launcher and every rank (the way a
+    preempted node dies)."""
     import signal
     import subprocess
     import time
@@ -77,7 +79,7 @@ def kill_after_checkpoint(cmd: list[str], work: Path, home: Path) -> None:
                             stderr=subprocess.DEVNULL,
                             env={**os.environ, "ALIGNFLOW_HOME": str(home)})
     deadline = time.time() + 300
-    while not list(work.glob("*/checkpoints/complete")):
+    while not list(work.glob(marker)):
         assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -210,3 +210,24 @@ def test_launch_key_follows_every_input(tmp_path):
     assert launch_key("sft", cfg, over, store) != before          # m@latest moved
     assert launch_key("sft", cfg, ["parent=nothing@latest", f"data.dataset={data}"],
                       store) is None
+
+
+def test_serve_installs_the_automation_that_crashes_dead_runs(harness):
+    # Before: a flow process killed by SIGKILL or the OOM killer left its runs Running for ever.
+    import asyncio
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from flows.deploy import HEARTBEAT_S, ZOMBIE_AUTOMATION, ensure_automations
+    ensure_automations()
+    ensure_automations()                                       # once per server, not per serve
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_automations_by_name(ZOMBIE_AUTOMATION)
+    (auto,) = asyncio.run(read())
+    assert auto.trigger.posture == "Proactive" and auto.trigger.within == timedelta(
+        seconds=3 * HEARTBEAT_S)
+    assert "prefect.flow-run.heartbeat" in auto.trigger.expect
+    assert auto.actions[0].state == StateType.CRASHED

@@ -138,3 +138,37 @@ def test_sample_prints_models_side_by_side(chain):
     assert json.loads(again.stdout) == rows                 # greedy: the same text again
     bad = subprocess.run(cmd[:4] + ["tiny-rm", "--prompt", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and "ForCausalLM" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+def test_killed_trainer_stage_resumes_to_the_same_losses(chain, stage):
+    # A SIGKILL after the HF Trainer's first complete checkpoint; the relaunch resumes from it
+    # (engine.last_hf_checkpoint) and ends where an uninterrupted run ends.
+    from flows.launch import build_command
+    from stages.artifacts import ArtifactStore
+    from tests.conftest import kill_after_checkpoint
+    root, store, _, _ = chain
+    steps = ["train.max_steps=12", "checkpoint.every_steps=3", "train.eval_every=100",
+             "run.force=true", f"run.name=tiny-{stage}-resume"]
+
+    def curve(digest):
+        art = ArtifactStore(root / "store").get(digest)
+        rows = [json.loads(l) for l in (art.local_path() / "train_log.jsonl").read_text()
+                .splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    straight, _ = launch_stage(root, stage, *steps, f"run.work_dir={root / f'{stage}-straight'}")
+    killed = root / f"{stage}-killed"
+    cmd = build_command(stage, CONFIGS / f"{stage}.yaml",
+                        [f"run.store={root / 'store'}", f"run.work_dir={killed}", *steps])
+    kill_after_checkpoint(cmd, killed, root / "home",
+                          marker="*/checkpoints/checkpoint-*/trainer_state.json")
+    done = sorted(int(p.parent.name.split("-")[1])
+                  for p in killed.glob("*/checkpoints/checkpoint-*/trainer_state.json"))
+    assert done and done[-1] < 12
+    resumed, log = launch_stage(root, stage, *steps, f"run.work_dir={killed}")
+    assert "resumed from" in log
+    want, got = curve(straight), curve(resumed)
+    assert sorted(got) == sorted(want) and max(got) == 12
+    for step in range(done[-1] + 1, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
