@@ -135,7 +135,7 @@ def test_killed_ppo_resumes_to_the_same_rollouts(chain):
     ("data.prompts=datasets_cfg/tiny_sft.yaml", "kind is 'sft', stage ppo needs 'prompts'"),
     ("data.max_prompt_length=125", "leaves no room for rollout.max_new_tokens=8"),
     ("data.max_prompt_length=12", "prompts are longer than data.max_prompt_length=12"),
-    ("ppo.minibatch_size=3", "does not divide the 8 rollouts per rank"),
+    ("ppo.minibatch_size=3", "does not divide the 16 rollouts per rank"),
     ("ppo.reward_source=checker data.prompts={tmp}/open.yaml",
      "ppo.reward_source=checker needs an answer for every prompt; 4 of 4 have none"),
 ])
@@ -151,7 +151,7 @@ def test_bad_input_fails_before_any_engine(chain, override, message, tmp_path):
         f"sources:\n  - {{name: open, type: files, paths: [{tmp_path / 'open.jsonl'}]}}\n")
     out = subprocess.run([sys.executable, "-m", "stages.ppo", "--config",
                           str(REPO / "configs" / "tiny" / "ppo.yaml"),
-                          f"run.store={root / 'store'}",
+                          f"run.store={root / 'store'}", "deepspeed.num_gpus=1",   # plain python: 1 rank
                           *override.format(tmp=tmp_path).split()], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
