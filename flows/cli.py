@@ -151,6 +151,12 @@ def cmd_run(store: ArtifactStore, args) -> int:
     if args.from_stage:
         params.from_stage = args.from_stage
     validate(params)  # before Prefect starts: bad input costs a second, not a server start
+    if args.explain:
+        from flows.launch import explain
+        stages = [(st, p.config, p.overrides, p.force) for st in params.stages()
+                  if (p := getattr(params, st)) is not None]
+        print("\n".join(explain(stages, store)))
+        return 0
     t0 = time.time()
     result = alignment_pipeline(params)
     print(summary(store, result, time.time() - t0))
@@ -274,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("run", help="run the pipeline flow (embedded Prefect, no server needed)")
+    s.add_argument("--explain", action="store_true",
+                   help="say per stage whether it would train or reuse, and why; run nothing")
     s.add_argument("--preset", choices=["demo", "tiny"], default="demo",
                    help="demo: the CPU demo on the demo corpus; tiny: seconds, for a smoke test")
     s.add_argument("--set", action="append", metavar="STAGE:KEY=VALUE",

@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from stages.artifacts import (ArtifactError, ArtifactStore, code_fingerprint, default_home,
-                              default_store_root, inputs_of, json_digest)
+from stages.artifacts import (STAGES_DIR, ArtifactError, ArtifactStore, code_modules,
+                              default_home, default_store_root, inputs_of, json_digest,
+                              sha256_file)
 from stages.config import load_stage_config
 from stages.configfile import REPO_ROOT as REPO
 from stages.configfile import find_file, read_yaml, resolved, shell_safe
@@ -141,21 +142,54 @@ def _interrupts_held():
 REF_KEYS = {"parent", "actor", "reward", "artifact", "tokenizer", "init_from"}
 
 
-def launch_key(stage: str, config: str | Path, overrides: list[str],
-               store: ArtifactStore) -> str | None:
+def launch_inputs(stage: str, config: str | Path, overrides: list[str],
+                  store: ArtifactStore) -> dict | None:
     """What decides a launch's result, computed here without torch or data preparation: the
     resolved config, every dataset YAML it names (recursively) and the files they list, the
-    digests its artifact references resolve to, and the stage code. None when a reference
-    does not resolve yet (the stage must run and decide). The stage keeps its own, finer
-    check: this one only saves the launcher start when nothing changed."""
+    digests its artifact references resolve to, and the code the stage runs (per module).
+    None when a reference does not resolve yet (the stage must run and decide). The stage
+    keeps its own, finer check: this one only saves the launcher start when nothing changed."""
     cfg = inputs_of(resolved(load_stage_config(stage, config, overrides)))
     parts: list = []
     try:
         _walk(cfg, None, store, parts, set())
     except ArtifactError:
         return None
-    return json_digest({"stage": stage, "config": cfg, "inputs": parts,
-                        "code": code_fingerprint()})
+    return {"stage": stage, "config": cfg, "inputs": parts,
+            "code": {m: sha256_file(STAGES_DIR / f"{m}.py") for m in code_modules(stage)}}
+
+
+def launch_key(stage: str, config: str | Path, overrides: list[str],
+               store: ArtifactStore) -> str | None:
+    inputs = launch_inputs(stage, config, overrides, store)
+    return json_digest(inputs) if inputs else None
+
+
+def changes(before: dict, now: dict) -> list[str]:
+    """What differs between two launches' inputs, in words: config keys, input files and
+    references, code modules."""
+    out = []
+    flat_a, flat_b = _flat(before.get("config", {})), _flat(now["config"])
+    out += [f"{k}: {flat_a.get(k)!r} -> {flat_b.get(k)!r}" for k in sorted(set(flat_a) | set(flat_b))
+            if flat_a.get(k) != flat_b.get(k)]
+    was = {tuple(p[:-1]): p[-1] for p in map(tuple, before.get("inputs", []))}
+    now_in = {tuple(p[:-1]): p[-1] for p in map(tuple, now["inputs"])}
+    out += [f"{' '.join(k)} changed" for k in sorted(set(was) | set(now_in))
+            if was.get(k) != now_in.get(k)]
+    code_a, code_b = before.get("code", {}), now["code"]
+    out += [f"stages/{m}.py changed" for m in sorted(set(code_a) | set(code_b))
+            if code_a.get(m) != code_b.get(m)]
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _walk(node, key, store: ArtifactStore, parts: list, seen: set) -> None:
@@ -177,3 +211,39 @@ def _walk(node, key, store: ArtifactStore, parts: list, seen: set) -> None:
         elif key == "paths" or (key == "path" and not node.startswith(("s3:", "gs:"))):
             for f in sorted(glob.glob(str(find_file(node)))):
                 parts.append((f, hashlib.sha256(Path(f).read_bytes()).hexdigest()))
+
+
+# Which config field of a stage takes which earlier stage's artifact, as the pipeline pins it.
+PINS = {"sft": {"parent": "pretrain"}, "rm": {"parent": "sft"},
+        "ppo": {"actor": "sft", "reward": "rm"}}
+
+
+def explain(stages: list[tuple[str, str, list[str], bool]], store: ArtifactStore) -> list[str]:
+    """Per stage (name, config, overrides, force) of a pipeline, in order: whether it will
+    reuse an artifact or train, and why (what changed since that stage's last launch)."""
+    lines, got = [], {}
+    for stage, config, overrides, force in stages:
+        pins = [f"{field}={got[up]}" for field, up in PINS.get(stage, {}).items() if up in got]
+        if any(up in [s for s, *_ in stages] and up not in got
+               for up in PINS.get(stage, {}).values()):
+            lines.append(f"{stage:<9} train: an earlier stage trains, so its parent is new")
+            continue
+        overrides = [f"run.store={store.root}", *pins, *overrides]
+        inputs = launch_inputs(stage, config, overrides, store)
+        hit = store.find_by_inputs(f"launch-{json_digest(inputs)}") if inputs else None
+        name = load_stage_config(stage, config, overrides).run.name
+        if hit is not None and not force:
+            got[stage] = hit.digest
+            lines.append(f"{stage:<9} reuse {name} {hit.short}: inputs unchanged")
+            continue
+        if force:
+            why = ["forced"]
+        elif inputs is None:
+            why = ["a parent it names is not in the store yet"]
+        elif (last := store.last_launch(stage, name)) is None:
+            why = [f"no earlier launch of {name} in this store"]
+        else:
+            why = changes(last.get("inputs", {}), inputs) or ["inputs differ (no detail)"]
+        lines.append(f"{stage:<9} train {name}: " + "; ".join(why[:6]) +
+                     (f"; and {len(why) - 6} more" if len(why) > 6 else ""))
+    return lines

@@ -13,10 +13,10 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
                                update_progress_artifact)
 from prefect.context import get_run_context
 
-from flows.launch import build_command, launch_key, run_stage
+from flows.launch import build_command, launch_inputs, run_stage
 from flows.params import PipelineParams, StageParams
 from stages import lineage
-from stages.artifacts import ArtifactStore
+from stages.artifacts import ArtifactStore, json_digest
 from stages.metrics import BASELINE, canonical, headline_of
 
 
@@ -46,7 +46,8 @@ def launch_task(stage: str, params: StageParams, store: str | None,
     # Decided here, before any launcher starts: an unchanged stage costs a second, not the
     # launcher's start and the stage's data checks.
     st = ArtifactStore(store)
-    key = None if params.force else launch_key(stage, params.config, overrides, st)
+    inputs = launch_inputs(stage, params.config, overrides, st)
+    key = json_digest(inputs) if inputs and not params.force else None
     if key and (hit := st.find_by_inputs(f"launch-{key}")) is not None:
         if hit.manifest.get("name"):
             st.tag(hit.manifest["name"], hit.digest)
@@ -61,8 +62,10 @@ def launch_task(stage: str, params: StageParams, store: str | None,
     progress.done()
     if code != 0 or not digest:
         raise RuntimeError(f"stage {stage} failed with exit code {code}; see the log above")
-    if key:
-        st.remember(f"launch-{key}", digest)
+    if inputs:
+        st.remember(f"launch-{json_digest(inputs)}", digest, detail={
+            "stage": stage, "name": st.get(digest, verify=False).manifest.get("name"),
+            "inputs": inputs})
     return digest
 
 

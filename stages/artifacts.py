@@ -16,6 +16,7 @@ file against the manifest. Nothing here is a pickle, and nothing imports torch (
 
 from __future__ import annotations
 
+import ast
 import errno
 import fcntl
 import getpass
@@ -124,11 +125,40 @@ def code_version(repo: str | Path | None = None) -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
-def code_fingerprint() -> str:
-    """Digest of the stage code (stages/*.py). Part of every stage's input key: changing how a
-    stage trains reruns it; editing a README or a flow does not."""
-    root = Path(__file__).resolve().parent
-    return json_digest({p.name: sha256_file(p) for p in sorted(root.glob("*.py"))})
+STAGES_DIR = Path(__file__).resolve().parent
+# The module whose code decides each kind of input key (the tokenizer and packed dataset are
+# built by functions of the pretrain stage).
+KEY_MODULES = {"tokenizer": "pretrain", "dataset": "pretrain", "corpus": "corpus"}
+
+
+def code_modules(module: str, root: Path = STAGES_DIR) -> list[str]:
+    """`module` and every stages module it imports, directly or through others (any import
+    statement, also inside a function), by reading the source, not by importing it."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = root / f"{name}.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("stages.")]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module == "stages":
+                    todo += [a.name for a in node.names]
+                elif node.module.startswith("stages."):
+                    todo.append(node.module.split(".")[1])
+    return sorted(seen)
+
+
+def code_fingerprint(key_kind: str, root: Path = STAGES_DIR) -> str:
+    """Digest of the code an input key of this kind depends on: the module that computes it
+    and the stages modules it imports. Editing ppo.py reruns PPO only; editing data.py reruns
+    what reads data; editing a README, a flow or a module nobody imports reruns nothing."""
+    module = KEY_MODULES.get(key_kind) or key_kind.split("-")[0]
+    return json_digest({m: sha256_file(root / f"{m}.py") for m in code_modules(module, root)})
 
 
 # Fields that say where a run happens, not what it computes: they never bust the cache.
@@ -147,7 +177,8 @@ def inputs_of(config: dict) -> dict:
 
 def input_key(stage: str, config: dict, parents: list[dict]) -> str:
     """What decides a stage's output: its resolved config, its parents' digests, its code."""
-    return json_digest({"stage": stage, "config": inputs_of(config), "code": code_fingerprint(),
+    return json_digest({"stage": stage, "config": inputs_of(config),
+                        "code": code_fingerprint(stage),
                         "parents": sorted((p["role"], p["digest"]) for p in parents)})
 
 
@@ -287,10 +318,26 @@ class ArtifactStore:
             self.remember(input_key, digest)
         return art
 
-    def remember(self, input_key: str, digest: str) -> None:
-        """Record that these inputs gave this artifact (find_by_inputs reads it back)."""
-        self._write_atomic(self._p("inputs", f"{input_key}.json"),
-                           json.dumps({"digest": digest, "created": now_iso()}).encode())
+    def remember(self, input_key: str, digest: str, detail: dict | None = None) -> None:
+        """Record that these inputs gave this artifact (find_by_inputs reads it back);
+        `detail`, what the inputs were, lets a later run say what changed."""
+        self._write_atomic(self._p("inputs", f"{input_key}.json"), json.dumps(
+            {"digest": digest, "created": now_iso(), **(detail or {})}).encode())
+
+    def last_launch(self, stage: str, name: str) -> dict | None:
+        """The newest launch record of this stage and model name (with its inputs)."""
+        root = self._p("inputs")
+        best = None
+        for path in self.fs.glob(posixpath.join(root, "launch-*.json")) \
+                if self.fs.exists(root) else []:
+            try:
+                rec = json.loads(self.fs.cat_file(path))
+            except ValueError:
+                continue
+            if rec.get("stage") == stage and rec.get("name") == name and \
+                    (best is None or rec["created"] >= best["created"]):
+                best = rec
+        return best
 
     def _exists(self, digest: str) -> bool:
         return self.fs.exists(posixpath.join(self._dir(digest), MANIFEST))

@@ -335,3 +335,26 @@ def test_a_read_only_store_is_said_so_before_any_work(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ArtifactError, match="is a file"):
         ArtifactStore(tmp_path / "file").check_writable()
+
+
+def test_each_key_fingerprints_only_the_code_it_runs(tmp_path):
+    # Before: every key hashed all of stages/*.py: a comment in ppo.py retrained the corpus,
+    # pretraining, SFT and the RM.
+    import shutil
+    from stages.artifacts import STAGES_DIR, code_fingerprint
+    for f in STAGES_DIR.glob("*.py"):
+        shutil.copy(f, tmp_path / f.name)
+    kinds = ["corpus", "examples-sft", "tokenizer", "dataset", "pretrain", "sft", "rm", "ppo"]
+
+    def changed_by(module: str) -> set[str]:
+        before = {k: code_fingerprint(k, tmp_path) for k in kinds}
+        with open(tmp_path / f"{module}.py", "a") as f:
+            f.write("\n# an edited comment\n")
+        return {k for k in kinds if code_fingerprint(k, tmp_path) != before[k]}
+    assert changed_by("ppo") == {"ppo"}
+    assert changed_by("losses") == {"ppo"}
+    assert changed_by("sft") == {"sft"}
+    assert changed_by("pretrain") == {"pretrain", "tokenizer", "dataset"}
+    assert changed_by("data") == set(kinds) - {"corpus"}
+    assert changed_by("lineage") == set()          # read by the CLI, not by any stage
+    assert changed_by("artifacts") == set(kinds)

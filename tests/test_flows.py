@@ -90,6 +90,20 @@ def test_from_stage_runs_only_the_later_stages(harness, tmp_path):
     params = PRESETS["tiny"].model_copy(deep=True)
     params.store = str(tmp_path / "store")
     first = alignment_pipeline(params)
+    # --explain: what would train and why, without running anything
+    from flows.launch import explain
+    store = ArtifactStore(params.store)
+
+    def plan(p):
+        return explain([(st, getattr(p, st).config, getattr(p, st).overrides,
+                         getattr(p, st).force) for st in p.stages()], store)
+    assert all(" reuse " in line for line in plan(params)), plan(params)
+    changed = params.model_copy(deep=True)
+    changed.sft.overrides.append("optim.lr=0.002")
+    lines = plan(changed)
+    assert lines[0].startswith("pretrain  reuse")
+    assert lines[1].startswith("sft       train tiny-sft") and "optim.lr: 0.001 -> 0.002" in lines[1]
+    assert "an earlier stage trains" in lines[2] and "an earlier stage trains" in lines[3]
     params.from_stage = "rm"
     params.rm.force = True
     out = alignment_pipeline(params)

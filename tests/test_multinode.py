@@ -14,18 +14,19 @@ from flows.launch import deepspeed_exe, release_job_shm
 from stages.proc import free_port
 from tests.conftest import REPO
 
-TINY = REPO / "configs" / "tiny" / "pretrain.yaml"
 pytestmark = pytest.mark.slow
 
 
-def start_nodes(tmp_path: Path, name: str, *overrides: str) -> list[subprocess.Popen]:
+def start_nodes(tmp_path: Path, name: str, *overrides: str, stage: str = "pretrain",
+                store: Path | None = None) -> list[subprocess.Popen]:
     hosts = tmp_path / "hostfile"
     hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     cmd = [deepspeed_exe(), "--hostfile", str(hosts), "--num_nodes", "2", "--num_gpus", "1",
            "--no_ssh", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "--module", "stages.pretrain", "--config", str(TINY),
-           f"run.store={tmp_path / 'store'}", "deepspeed.num_gpus=1", "deepspeed.num_nodes=2",
-           f"deepspeed.hostfile={hosts}", *overrides]
+           "--module", f"stages.{stage}", "--config", str(REPO / "configs" / "tiny" /
+                                                          f"{stage}.yaml"),
+           f"run.store={store or tmp_path / 'store'}", "deepspeed.num_gpus=1",
+           "deepspeed.num_nodes=2", f"deepspeed.hostfile={hosts}", *overrides]
     procs = []
     for node in (0, 1):
         log = open(tmp_path / f"{name}-node{node}.log", "w")
@@ -109,3 +110,17 @@ def test_two_nodes_killed_mid_run_resume_to_the_same_losses(tmp_path):
     assert max(resumed) == 16
     for step in range(killed_at + 1, 17):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_ppo_on_two_nodes(chain, tmp_path):
+    # The actor, critic, reference and reward engines across two nodes, each node with its own
+    # home: rollouts, the global whitening and the checkpoints meet in the shared work dir.
+    root, store, _, _ = chain
+    codes = finish(start_nodes(tmp_path, "ppo", "train.max_steps=3", "checkpoint.every_steps=2",
+                               "run.name=tiny-ppo-two-nodes", f"run.work_dir={tmp_path / 'w'}",
+                               stage="ppo", store=root / "store"))
+    out = logs(tmp_path, "ppo")
+    assert codes == [0, 0], out[-4000:]
+    art = store.get("tiny-ppo-two-nodes")
+    assert art.manifest["config"]["deepspeed"]["num_nodes"] == 2
+    assert "rl/reward" in art.manifest["metrics"] and "2 rank(s)" in out
