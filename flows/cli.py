@@ -79,7 +79,7 @@ def cmd_lineage(store: ArtifactStore, args) -> int:
         print(json.dumps(d, indent=2) if args.json or args.format == "json"
               else lineage.render_diff(d, lineage.labels(store)))
         return 0
-    g = lineage.build(store, args.ref)
+    g = lineage.used_by(store, args.ref) if args.used_by else lineage.build(store, args.ref)
     print(lineage.RENDERERS["json" if args.json else args.format](g))
     return 0
 
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=sorted(lineage.RENDERERS), default="text")
     s.add_argument("--json", action="store_true", help="same as --format json")
     s.add_argument("--diff", metavar="REF", help="compare with another model's lineage")
+    s.add_argument("--used-by", action="store_true",
+                   help="the other way: every artifact trained from REF, directly or not")
     s.set_defaults(func=cmd_lineage)
 
     s = sub.add_parser("show", help="print an artifact's manifest (verified)")

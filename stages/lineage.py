@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from stages.artifacts import Artifact, ArtifactStore
+from stages.artifacts import Artifact, ArtifactError, ArtifactStore
 from stages.metrics import KEY_METRICS, canonical
 
 # Config values worth a glance in a tree; the full config is in each manifest.
@@ -39,9 +39,16 @@ class Graph:
     root: str
     nodes: dict[str, Node]
     edges: list[tuple[str, str, str]]   # (child, parent, role)
+    direction: str = "ancestors"        # or "descendants": what was walked from the root
 
     def parents(self, node_id: str) -> list[tuple[str, str]]:
         return [(p, role) for c, p, role in self.edges if c == node_id]
+
+    def related(self, node_id: str) -> list[tuple[str, str]]:
+        """The next nodes away from the root: parents, or (used-by) children."""
+        if self.direction == "ancestors":
+            return self.parents(node_id)
+        return [(c, role) for c, p, role in self.edges if p == node_id]
 
 
 def build(store: ArtifactStore, ref: str) -> Graph:
@@ -65,10 +72,38 @@ def build(store: ArtifactStore, ref: str) -> Graph:
     return Graph(root.digest, nodes, edges)
 
 
+def used_by(store: ArtifactStore, ref: str) -> Graph:
+    """Everything trained from `ref`, directly or through others ("which PPO models were
+    trained against rm@3?"), from the parents every manifest in the store records."""
+    names = labels(store)
+    root = store.get(ref, verify=False)
+    children: dict[str, list[tuple[Artifact, str]]] = {}
+    for digest in store.digests():
+        try:
+            art = store.get(digest, verify=False)
+        except ArtifactError:
+            continue                  # a damaged manifest is `alignflow verify`'s to report
+        for p in art.parents:
+            children.setdefault(p["digest"], []).append((art, p.get("role", "parent")))
+    nodes, edges, todo = {root.digest: _node(root, names)}, [], [root.digest]
+    while todo:
+        parent = todo.pop()
+        for child, role in children.get(parent, []):
+            edges.append((child.digest, parent, role))
+            if child.digest not in nodes:
+                nodes[child.digest] = _node(child, names)
+                todo.append(child.digest)
+    return Graph(root.digest, nodes, edges, direction="descendants")
+
+
 def labels(store: ArtifactStore) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in store.names():
-        for v in store.versions(name):
+        try:
+            history = store.versions(name)
+        except ArtifactError:
+            continue                  # one damaged name must not hide every label
+        for v in history:
             out.setdefault(v.digest, f"{name}@{v.version}")
     return out
 
@@ -120,13 +155,14 @@ def render_text(g: Graph) -> str:
     seen = {g.root}
 
     def walk(node_id: str, prefix: str) -> None:
-        kids = g.parents(node_id)
+        kids = g.related(node_id)
         for i, (pid, role) in enumerate(kids):
             last = i == len(kids) - 1
             n = g.nodes[pid]
-            again = pid in seen and g.parents(pid)
+            again = pid in seen and g.related(pid)
+            role = role if g.direction == "ancestors" else f"as {role} in"
             lines.append(f"{prefix}{'└── ' if last else '├── '}{role}: {_line(n)}"
-                         + ("  (ancestors shown above)" if again else ""))
+                         + (f"  ({g.direction} shown above)" if again else ""))
             if not again:
                 seen.add(pid)
                 walk(pid, prefix + ("    " if last else "│   "))
@@ -136,7 +172,7 @@ def render_text(g: Graph) -> str:
 
 def render_json(g: Graph) -> str:
     return json.dumps({
-        "root": g.root,
+        "root": g.root, "direction": g.direction,
         "nodes": [{"id": n.id, "kind": n.kind, "label": n.label, "stage": n.stage,
                    "created": n.created, "run_id": n.run_id, "config": n.config,
                    "metrics": n.metrics, **({"detail": n.detail} if n.detail else {})}

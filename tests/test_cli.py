@@ -52,6 +52,22 @@ def test_lineage_formats(pipeline_store, capsys):
     assert code == 0 and "only in" in out
 
 
+def test_lineage_used_by_lists_descendants(pipeline_store, capsys):
+    store, a = pipeline_store
+    # which models were trained against the reward model, and what the SFT model fed
+    code, out, _ = run(capsys, "--store", store.root, "lineage", "demo-rm@1", "--used-by")
+    assert code == 0 and out.splitlines()[0].startswith("model demo-rm@1")
+    assert "as reward in: model demo-ppo@1" in out and "demo-sft" not in out
+    code, out, _ = run(capsys, "--store", store.root, "lineage", "demo-sft", "--used-by", "--json")
+    g = json.loads(out)
+    assert g["direction"] == "descendants" and g["root"] == a["sft"].digest
+    assert {n["label"] for n in g["nodes"]} == {"demo-sft@1", "demo-rm@1", "demo-ppo@1"}
+    assert {(e["child"], e["role"]) for e in g["edges"]} == {
+        (a["rm"].digest, "model"), (a["ppo"].digest, "actor"), (a["ppo"].digest, "reward")}
+    code, out, _ = run(capsys, "--store", store.root, "lineage", "demo-ppo", "--used-by")
+    assert code == 0 and out.count("\n") == 1          # nothing was trained from it yet
+
+
 def test_damaged_artifact_is_named(pipeline_store, capsys):
     store, a = pipeline_store
     victim = Path(store.base) / "artifacts" / a["sft"].digest / "model.safetensors"
