@@ -190,9 +190,10 @@ def cmd_serve(store: ArtifactStore, args) -> int:
               "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
     from prefect import serve
 
-    from flows.deploy import deployments, load_schedules
+    from flows.deploy import deployments, load_schedules, load_triggers
     schedules = load_schedules(args.schedules) if args.schedules else []
-    deps = deployments(schedules, store=store.root)
+    triggers = load_triggers(args.automations) if args.automations else []
+    deps = deployments(schedules, store=store.root, triggers=triggers)
     ensure_automations()
     serve(*deps, limit=args.limit)
     return 0
@@ -314,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "from the UI execute here)")
     s.add_argument("--schedules", metavar="YAML", help="schedules with parameters, e.g. "
                    "infra/schedules.yaml")
+    s.add_argument("--automations", metavar="YAML", help="event triggers that chain stages, "
+                   "e.g. infra/automations.yaml (a new RM starts PPO)")
     s.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: the "
                    "stages share this machine's accelerators)")
     s.set_defaults(func=cmd_serve)

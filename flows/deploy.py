@@ -29,6 +29,29 @@ class ScheduleFile(Strict):
     schedules: list[ScheduleEntry] = Field(default_factory=list)
 
 
+class TriggerEntry(Strict):
+    deployment: str = Field(description="Deployment to run, e.g. ppo.")
+    description: str = ""
+    match: dict[str, str] = Field(description="Labels of the committed artifact's event, e.g. "
+                                  "{alignflow.kind: model, alignflow.stage: rm}.")
+    parameters: dict = Field(default_factory=dict, description="Overrides of the deployment's "
+                             "parameters; Jinja templates see the event.")
+
+
+class TriggerFile(Strict):
+    triggers: list[TriggerEntry] = Field(default_factory=list)
+
+
+def load_triggers(path: str | Path) -> list[TriggerEntry]:
+    entries = load_config(TriggerFile, path, what="automations file").triggers
+    for i, t in enumerate(entries):
+        bad = [k for k in t.match if not k.startswith("alignflow.")]
+        if bad:
+            raise ConfigError(f"{path}: triggers.{i}.match: {bad[0]!r} is not an alignflow "
+                              f"label (alignflow.kind, .stage, .name, .data, .standalone)")
+    return entries
+
+
 def load_schedules(path: str | Path) -> list[ScheduleEntry]:
     entries = load_config(ScheduleFile, path, what="schedules file").schedules
     for i, s in enumerate(entries):
@@ -37,9 +60,14 @@ def load_schedules(path: str | Path) -> list[ScheduleEntry]:
     return entries
 
 
-def deployments(schedules: list[ScheduleEntry] = (), store: str | None = None) -> list:
-    """RunnerDeployments of the pipeline (demo and tiny presets) and of each stage."""
+def deployments(schedules: list[ScheduleEntry] = (), store: str | None = None,
+                triggers: list[TriggerEntry] = ()) -> list:
+    """RunnerDeployments of the pipeline (demo and tiny presets) and of each stage, with the
+    schedules and event triggers given."""
+    from prefect.events import DeploymentEventTrigger
     from prefect.schedules import Cron, Interval
+
+    from flows.pipeline import COMMITTED
 
     from flows.pipeline import alignment_pipeline, ppo_flow, pretrain_flow, rm_flow, sft_flow
 
@@ -59,10 +87,10 @@ def deployments(schedules: list[ScheduleEntry] = (), store: str | None = None) -
         "rm": (rm_flow, {"store": store}, "A reward model from an existing SFT model."),
         "ppo": (ppo_flow, {"store": store}, "PPO from existing SFT and reward models."),
     }
-    unknown = {s.deployment for s in schedules} - set(specs)
+    unknown = {s.deployment for s in [*schedules, *triggers]} - set(specs)
     if unknown:
-        raise ConfigError(f"schedules name unknown deployments {sorted(unknown)}; known: "
-                          f"{', '.join(specs)}")
+        raise ConfigError(f"schedules or triggers name unknown deployments {sorted(unknown)}; "
+                          f"known: {', '.join(specs)}")
     out = []
     for name, (fl, params, description) in specs.items():
         sched = []
@@ -72,8 +100,13 @@ def deployments(schedules: list[ScheduleEntry] = (), store: str | None = None) -
             merged = _merge(params, s.parameters)
             sched.append(Cron(s.cron, timezone=s.timezone, parameters=merged) if s.cron else
                          Interval(s.interval_s, parameters=merged))
+        events = [DeploymentEventTrigger(
+            name=t.description or f"{name} on {t.match}", description=t.description,
+            expect={COMMITTED}, match={"prefect.resource.id": "alignflow.artifact.*", **t.match},
+            parameters=_merge(params, t.parameters)) for t in triggers if t.deployment == name]
         out.append(fl.to_deployment(name=name, parameters=params, description=description,
-                                    schedules=sched or None, tags=["alignflow"]))
+                                    schedules=sched or None, triggers=events or None,
+                                    tags=["alignflow"]))
     return out
 
 

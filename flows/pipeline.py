@@ -16,7 +16,7 @@ from prefect.context import get_run_context
 from flows.launch import build_command, launch_inputs, run_stage
 from flows.params import PipelineParams, StageParams
 from stages import lineage
-from stages.artifacts import ArtifactStore, json_digest
+from stages.artifacts import ArtifactStore, json_digest, now_iso
 from stages.metrics import BASELINE, canonical, headline_of
 
 
@@ -25,7 +25,47 @@ def corpus_task(recipe: str, store: str | None) -> str:
     """Build (or reuse) the corpus artifact a mixture reads."""
     from stages.corpus import build_corpus
     log = get_run_logger()
-    return build_corpus(recipe, ArtifactStore(store), log=log.info).digest
+    started = now_iso()
+    st = ArtifactStore(store)
+    digest = build_corpus(recipe, st, log=log.info).digest
+    announce(st, digest, started)
+    return digest
+
+
+COMMITTED = "alignflow.artifact.committed"
+
+
+def announce(store: ArtifactStore, digest: str, since: str) -> None:
+    """A Prefect event per artifact this launch committed: the result and any parent it built
+    (tokenizer, dataset, example set). Automations chain stages on them
+    (infra/automations.yaml); `alignflow.standalone` says whether a pipeline run goes on by
+    itself (false) or nothing follows unless an automation starts it (true)."""
+    from prefect.events import emit_event
+    from prefect.runtime import flow_run
+    standalone = "false" if flow_run.parent_flow_run_id else "true"
+    art = store.get(digest, verify=False)
+    for a in [art, *(store.get(p["digest"], verify=False) for p in art.parents)]:
+        if a.manifest.get("created", "") < since:
+            continue      # reused, not committed now
+        emit_event(COMMITTED, resource=artifact_resource(store, a, standalone),
+                   related=[{"prefect.resource.id": f"alignflow.artifact.{p['digest']}",
+                             "prefect.resource.role": p.get("role", "parent")}
+                            for p in a.parents],
+                   payload={"digest": a.digest, "name": a.manifest.get("name"),
+                            "parents": a.parents, "headline": headline_of(a.manifest)["text"]})
+
+
+def artifact_resource(store: ArtifactStore, art, standalone: str) -> dict[str, str]:
+    name = art.manifest.get("name") or ""
+    version = next((v.version for v in reversed(store.versions(name)) if v.digest == art.digest),
+                   None) if name else None
+    return {"prefect.resource.id": f"alignflow.artifact.{art.digest}",
+            "prefect.resource.name": f"{name}@{version}" if version else art.short,
+            "alignflow.digest": art.digest, "alignflow.kind": art.kind,
+            "alignflow.stage": art.stage or "data", "alignflow.name": name,
+            "alignflow.version": str(version or ""),
+            "alignflow.data": art.manifest.get("example_stats", {}).get("kind", ""),
+            "alignflow.standalone": standalone}
 
 
 @task(name="launch")
@@ -34,6 +74,7 @@ def launch_task(stage: str, params: StageParams, store: str | None,
     """Run `deepspeed --module stages.<stage>` and return the artifact digest it printed.
     `parents` (config field -> digest) pins the exact artifacts the previous stages produced."""
     log = get_run_logger()
+    started = now_iso()
     ctx = get_run_context()
     run_id = str(getattr(getattr(ctx, "task_run", None), "flow_run_id", "") or "")
     # What a rank needs is on its command line: DeepSpeed's multi-node runner forwards only a
@@ -66,6 +107,7 @@ def launch_task(stage: str, params: StageParams, store: str | None,
         st.remember(f"launch-{json_digest(inputs)}", digest, detail={
             "stage": stage, "name": st.get(digest, verify=False).manifest.get("name"),
             "inputs": inputs})
+    announce(st, digest, started)
     return digest
 
 

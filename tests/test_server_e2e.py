@@ -55,7 +55,8 @@ def served(tmp_path_factory):
                 return None
         wait_for("server not healthy", healthy, 180)
         store = str(root / "store")
-        procs.append(subprocess.Popen([str(BIN / "alignflow"), "--store", store, "serve"],
+        procs.append(subprocess.Popen([str(BIN / "alignflow"), "--store", store, "serve",
+                                       "--automations", "infra/automations.yaml"],
                                       cwd=REPO, env=env, stdout=logs["serve"],
                                       stderr=subprocess.STDOUT, start_new_session=True))
 
@@ -63,7 +64,7 @@ def served(tmp_path_factory):
             r = http.get(f"/deployments/name/{name}")
             return r.json()["id"] if r.status_code == 200 else None
         ids = {n: wait_for(f"deployment {n} not served", lambda n=n: deployment(n), 120)
-               for n in ("alignment-pipeline/pipeline-tiny", "pretrain/pretrain")}
+               for n in ("alignment-pipeline/pipeline-tiny", "pretrain/pretrain", "ppo/ppo")}
         yield http, ids, ArtifactStore(store), store, root
     finally:
         for p in reversed(procs):
@@ -125,6 +126,30 @@ def test_run_from_the_api_then_cached_rerun(served):
     print(f"cached rerun through the server: {time.time() - t0:.1f} s")
 
 
+def test_a_committed_reward_model_starts_ppo_with_it(served):
+    # infra/automations.yaml, applied by `alignflow serve --automations`: the event a
+    # standalone RM run emits on commit creates a PPO run whose `reward` is the new digest.
+    import uuid
+    from datetime import datetime, timezone
+    http, ids, store, store_root, root = served
+    digest = uuid.uuid4().hex * 2
+    event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+             "event": "alignflow.artifact.committed", "payload": {"digest": digest},
+             "resource": {"prefect.resource.id": f"alignflow.artifact.{digest}",
+                          "alignflow.digest": digest, "alignflow.kind": "model",
+                          "alignflow.stage": "rm", "alignflow.name": "tiny-rm",
+                          "alignflow.standalone": "true"}}
+    assert http.post("/events", json=[event]).status_code == 204
+
+    def started():
+        runs = http.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {
+            "any_": [ids["ppo/ppo"]]}}}).json()
+        return next((r for r in runs if r["parameters"].get("reward") == digest), None)
+    run = wait_for("no PPO run started for the new reward model", started, 120)
+    assert run["parameters"]["store"] == store_root
+    final_state(http, run["id"], 300)     # it fails fast (no such model); let it end here
+
+
 def test_cancel_stops_the_launcher_and_every_rank(served):
     http, ids, store, store_root, root = served
     marker = f"run.store={store_root}-cancel"
@@ -175,7 +200,7 @@ def test_the_ui_renders_the_run_form_and_a_lineage_artifact(served, tmp_path):
                     f"/run", tmp_path / "a")
     # Field values live in the inputs' DOM properties, which --dump-dom does not serialize;
     # the labels and descriptions of our parameter models show the form was built from them.
-    for text in ("From Stage", "Stage config YAML, relative to the alignflow checkout",
+    for text in ("From Stage", "Stage config YAML under configs/ of the alignflow checkout",
                  "Relaunch a failed stage", "Empty to stop after SFT"):
         assert text in form, f"{text!r} not in the Run form: {form[-2000:]}"
     if not store.versions("tiny-ppo"):
