@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
@@ -25,10 +26,12 @@ class StageParams(BaseModel):
     def _under_configs(cls, value: str) -> str:
         # The Run form is reachable from a browser: it may pick a shipped config, not any
         # file on the machine (the config names data files and what runs).
-        configs = (REPO_ROOT / "configs").resolve()
-        path = find_file(value).resolve()
-        if not path.is_relative_to(configs) or path.suffix not in (".yaml", ".yml"):
-            raise ValueError(f"config {value!r}: must be a YAML file under {configs}")
+        allowed = {(REPO_ROOT / "configs").resolve(), (Path.cwd() / "configs").resolve()}
+        path = find_file(value).resolve()     # the file the launch will read
+        if not any(path.is_relative_to(c) for c in allowed) or \
+                path.suffix not in (".yaml", ".yml"):
+            raise ValueError(f"config {value!r}: must be a YAML file under "
+                             f"{REPO_ROOT / 'configs'}")
         return value
 
 
