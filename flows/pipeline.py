@@ -94,12 +94,16 @@ def launch_task(stage: str, params: StageParams, store: str | None,
             st.tag(hit.manifest["name"], hit.digest)
         log.info("unchanged inputs: reusing %s %s %s without launching (force=true retrains)",
                  stage, hit.manifest.get("name"), hit.short)
-        return hit.digest
+        return cached(hit.digest, f"unchanged inputs: reusing {hit.manifest.get('name')} "
+                                  f"{hit.short} without launching")
     log.info("launching: %s", " ".join(cmd))
     # A relaunch after a failure finds the same work directory (keyed by the stage's inputs)
     # and resumes from its last complete checkpoint.
     progress = Progress(stage)
-    code, digest = run_stage(cmd, on_line=lambda line: (log.info(line), progress.see(line)))
+    reused = []
+    code, digest = run_stage(cmd, on_line=lambda line: (
+        log.info(line), progress.see(line),
+        "unchanged inputs: reusing" in line and reused.append(line)))
     progress.done()
     if code != 0 or not digest:
         raise RuntimeError(f"stage {stage} failed with exit code {code}; see the log above")
@@ -108,7 +112,16 @@ def launch_task(stage: str, params: StageParams, store: str | None,
             "stage": stage, "name": st.get(digest, verify=False).manifest.get("name"),
             "inputs": inputs})
     announce(st, digest, started)
+    if reused:     # the stage itself found an identical earlier result
+        return cached(digest, reused[0].split("] ", 1)[-1])
     return digest
+
+
+def cached(digest: str, message: str):
+    """The task's end state when nothing was trained: Completed, named Cached, so the UI shows
+    the skip for what it is; its result is still the digest."""
+    from prefect.states import Completed
+    return Completed(data=digest, name="Cached", message=message)
 
 
 class Progress:
@@ -201,7 +214,7 @@ def launch(stage: str, params: StageParams, store: str | None,
            parents: dict[str, str] | None = None) -> str:
     return launch_task.with_options(retries=params.retries,
                                     retry_delay_seconds=params.retry_delay_s)(
-        stage, params, store, parents)
+        stage, params, store, parents, return_state=True).result()
 
 
 @flow(name="pretrain")

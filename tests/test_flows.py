@@ -81,6 +81,16 @@ def test_pipeline_flow_chains_stages_and_publishes_lineage(harness, tmp_path):
     # decided in the flow: no launcher started, so no new progress bar either
     assert len(asyncio.run(progress())) == len(bars)
 
+    # ... and the UI shows those skips as Cached, not as quick Completed launches
+    async def launches():
+        async with get_client() as client:
+            return [r for r in await client.read_task_runs() if r.name.startswith("launch")]
+    states = [r.state for r in asyncio.run(launches())]
+    cached = [st for st in states if st.name == "Cached"]
+    assert len(cached) == 4 and all(st.type.value == "COMPLETED" and "unchanged inputs: "
+                                    "reusing tiny-" in st.message for st in cached)
+    assert len(states) - len(cached) == 4          # the first run's four launches trained
+
 
 def test_from_stage_runs_only_the_later_stages(harness, tmp_path):
     """from_stage=rm takes its SFT parent from the rm config (tiny-sft@latest) and runs rm and
