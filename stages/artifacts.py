@@ -378,14 +378,8 @@ class ArtifactStore:
 
     def _write_atomic(self, path: str, data: bytes) -> None:
         if self.local:
-            p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write_durable(Path(path), data)
         else:
             self.fs.pipe_file(path, data)  # single-object writes are atomic on object stores
 
@@ -752,6 +746,18 @@ def build_once(store: ArtifactStore, kind: str, key: str, build: Callable[[Path]
 def _check_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ArtifactError(f"model name {name!r}: use letters, digits, '.', '_' and '-'")
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Replace `path` atomically with `data`, on disk (file and directory entry) on return:
+    readers see the old bytes or the new, never a part, also after a power cut."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _fsync_tree(root: Path) -> None:

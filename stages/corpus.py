@@ -212,17 +212,17 @@ def _deb_data(path: Path) -> bytes:
 
 # --- readers ------------------------------------------------------------------------------
 
-def checked_read(name: str, blob: bytes, src: CorpusSource, path: Path) -> Iterator[str]:
-    """The documents `read` finds, with a reader that does not fit its file named as such (a
-    raw KeyError from deep in a parser says nothing about which recipe line is wrong)."""
+def fitted(items: Iterator, source: str, reader: str, member: str, archive: Path) -> Iterator:
+    """What a reader yields, with a reader that does not fit its file named as such (a raw
+    KeyError from deep in a parser says nothing about which recipe line is wrong)."""
     try:
-        yield from read(name, blob, src.extract)
+        yield from items
     except (ConfigError, DataError):
         raise
     except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise DataError(f"source {src.name}: reader '{src.extract.reader}' does not fit member "
-                        f"{name} of {path.name} ({type(e).__name__}: {e}); choose the reader "
-                        f"for this file's format or narrow `members`") from None
+        raise DataError(f"source {source}: reader '{reader}' does not fit member {member} of "
+                        f"{archive.name} ({type(e).__name__}: {e}); choose the reader for this "
+                        f"file's format or narrow `members`") from None
 
 
 def read(name: str, blob: bytes, ex: Extract) -> Iterator[str]:
@@ -343,7 +343,8 @@ def build(recipe: CorpusRecipe, out: Path, cache: Path, log=print) -> dict:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(dest, "w") as fh:
             for name, blob in members(path, src.extract):
-                for raw in checked_read(name, blob, src, path):
+                for raw in fitted(read(name, blob, src.extract), src.name, src.extract.reader,
+                                  name, path):
                     for doc in split_paragraphs(normalize(raw), recipe.max_doc_chars):
                         if len(doc) < recipe.min_chars:
                             short += 1

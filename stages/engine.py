@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from stages import proc
-from stages.artifacts import default_home
+from stages.artifacts import default_home, write_durable
 from stages.config import DeepSpeedConfig, OptimConfig, TrainConfig, load_deepspeed_template
 
 
@@ -240,7 +240,7 @@ def save_checkpoint(engines: dict, ckpt: Path, step: int, keep: int, d: Dist,
             fsync_tree(ckpt / name / tag)
     dist.barrier()
     if d.main:
-        write_durable(ckpt / COMPLETE, tag)
+        write_durable(ckpt / COMPLETE, tag.encode())
         for name in engines:
             prune_checkpoints(ckpt / name, keep, tag)
     dist.barrier()
@@ -264,21 +264,6 @@ def load_checkpoint(engines: dict, ckpt: Path, d: Dist) -> dict | None:
         client = client or state
     set_rng_state(client["rng"][d.rank])
     return client
-
-
-def write_durable(path: Path, text: str) -> None:
-    """Replace `path` atomically with `text`, on disk (file and directory entry) on return."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(root: Path) -> None:

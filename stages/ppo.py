@@ -45,7 +45,7 @@ from stages import engine as E
 from stages import losses as L
 from stages import metrics as M
 from stages import stage as S
-from stages.artifacts import ArtifactStore
+from stages.artifacts import ArtifactStore, write_durable
 from stages.config import PPOConfig, TrainConfig
 from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     if baseline and d.main:
         E.log(d, f"SFT on held-out prompts: reward {baseline['rl/reward']:.3f}, gold accuracy "
                  f"{baseline['gold/accuracy']:.3f} ({families(baseline)})")
-        E.write_durable(run.work / "baseline.json", json.dumps(baseline, indent=2))
+        write_durable(run.work / "baseline.json", json.dumps(baseline, indent=2).encode())
     if baseline is None:    # resumed: rank 0's copy, whatever the other nodes' disks hold
         baseline = E.on_rank0(lambda: json.loads((run.work / "baseline.json").read_text()), d)
     last_eval = baseline

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from stages import corpus as C
-from stages.configfile import ConfigError, DataError, jsonl_rows
+from stages.configfile import ConfigError, jsonl_rows
 
 # Licenses that allow any use with attribution. Matched against the license lines of LICENSE.md.
 ALLOWED_LICENSES = ("MIT", "Apache", "CC0", "Public Domain", "Creative Commons Attribution 4.0",
@@ -42,16 +42,10 @@ def rows(src, cache: Path) -> tuple[list[tuple[str, dict]], dict]:
     for name, blob in C.members(path, ex):
         if licenses is not None:
             check_license(licenses, name, src.where)
-        try:
-            for i, row in enumerate(read(src.reader, f"{path.name}:{name}", blob, src)):
-                if all(str(row.get(k)) in v for k, v in src.where.items()):
-                    out.append((f"{path.name}:{name}[{i}]", row))
-        except (ConfigError, DataError):
-            raise
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise DataError(f"source {src.name}: reader '{src.reader}' does not fit member "
-                            f"{name} of {path.name} ({type(e).__name__}: {e}); choose the "
-                            f"reader for this file's format or narrow `members`") from None
+        rows = read(src.reader, f"{path.name}:{name}", blob, src)
+        for i, row in enumerate(C.fitted(rows, src.name, src.reader, name, path)):
+            if all(str(row.get(k)) in v for k, v in src.where.items()):
+                out.append((f"{path.name}:{name}[{i}]", row))
     if not out:
         raise ConfigError(f"source {src.name}: no rows read from {path.name} with members "
                           f"{src.members} and reader {src.reader}")
