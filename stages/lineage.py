@@ -186,14 +186,38 @@ def _gid(node_id: str) -> str:
 
 
 def render_mermaid(g: Graph) -> str:
-    out = ["flowchart BT"]
-    for n in g.nodes.values():
-        text = f"{n.kind}<br/>{n.label}" + (f"<br/>{n.short}" if n.label != n.short
-                                            and not n.id.startswith("source:") else "")
-        out.append(f'  {_gid(n.id)}["{text.replace(chr(34), chr(39))}"]')
+    """A graph that reads at the width of a Prefect artifact page: raw sources folded into one
+    node per domain (the demo has 25 of them), the model chain drawn bold."""
+    out = ["flowchart BT", "  classDef model stroke-width:3px",
+           "  classDef source stroke-dasharray:3 3"]
+    domains: dict[str, set[str]] = {}
     for c, p, role in g.edges:
-        out.append(f"  {_gid(p)} -->|{role}| {_gid(c)}")
+        if p.startswith("source:"):
+            domains.setdefault(role, set()).add(g.nodes[p].label)
+    for n in g.nodes.values():
+        if n.id.startswith("source:"):
+            continue
+        text = f"{n.kind}<br/>{n.label}" + (f"<br/>{n.short}" if n.label != n.short else "")
+        out.append(f'  {_gid(n.id)}["{_quote(text)}"]' + (":::model" if n.kind == "model"
+                                                          else ""))
+    for domain, names in sorted(domains.items()):
+        shown = ", ".join(sorted(names)[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
+        out.append(f'  {_gid("domain:" + domain)}["{_quote(domain)}<br/>{len(names)} '
+                   f'source(s): {_quote(shown)}"]:::source')
+    drawn = set()
+    for c, p, role in g.edges:
+        if p.startswith("source:"):
+            edge = (_gid("domain:" + role), _gid(c))
+            if edge not in drawn:
+                drawn.add(edge)
+                out.append(f"  {edge[0]} --> {edge[1]}")
+        else:
+            out.append(f"  {_gid(p)} -->|{role}| {_gid(c)}")
     return "\n".join(out)
+
+
+def _quote(text: str) -> str:
+    return text.replace('"', "'")
 
 
 def render_dot(g: Graph) -> str:

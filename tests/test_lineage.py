@@ -35,7 +35,8 @@ def test_json_mermaid_dot(pipeline_store):
     assert ppo["metrics"] == {"rl/reward": 1.2, "rl/kl": 2.0} and ppo["stage"] == "ppo"
     mermaid = lineage.render_mermaid(g)
     assert mermaid.startswith("flowchart BT") and "-->|actor|" in mermaid
-    assert mermaid.count("-->") == len(g.edges)
+    assert mermaid.count("-->") == len(g.edges)        # one source: nothing to fold
+    assert "books<br/>1 source(s): shakespeare" in mermaid and ":::model" in mermaid
     dot = lineage.render_dot(g)
     assert dot.startswith("digraph lineage") and dot.count("->") == len(g.edges)
 
@@ -58,3 +59,19 @@ def test_diff_names_differing_ancestors_and_config(pipeline_store, tmp_path):
     assert rows["reward"]["status"] == "same" and rows["actor/model"]["status"] == "same"
     text = lineage.render_diff(d, lineage.labels(store))
     assert "≠ actor: demo-sft@1 -> demo-sft@2" in text and "optim.lr: 5e-05 -> 0.0001" in text
+
+
+def test_mermaid_folds_many_sources_into_one_node_per_domain(store, tmp_path):
+    # Before: 25 raw sources of the demo corpus were 25 leaves, an unreadable thumbnail.
+    from tests.conftest import put
+    sources = [{"name": f"src{i:02d}", "domain": ("books", "code", "web")[i % 3],
+                "version": "1"} for i in range(25)]
+    corpus = put(store, tmp_path, {"a.jsonl": "{}"}, kind="corpus", name="c",
+                 extra={"sources": sources})
+    model = put(store, tmp_path, {"m.safetensors": b"w"}, kind="model", name="m",
+                parents=[{"role": "corpus", "digest": corpus.digest}])
+    mermaid = lineage.render_mermaid(lineage.build(store, "m"))
+    assert mermaid.count("source(s)") == 3 and "books<br/>9 source(s): src00, src03, src06 +6" \
+        in mermaid
+    assert mermaid.count("-->") == 1 + 3           # model <- corpus, corpus <- 3 domains
+    assert "src24" not in mermaid and model.short in mermaid
