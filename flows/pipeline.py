@@ -210,9 +210,16 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
+def retriable(task, task_run, state) -> bool:
+    """Bad input found before the launch (a config error) fails the same way every time:
+    relaunching it only delays the error the UI shows."""
+    from stages.configfile import ConfigError
+    return not isinstance(state.result(raise_on_failure=False), ConfigError)
+
+
 def launch(stage: str, params: StageParams, store: str | None,
            parents: dict[str, str] | None = None) -> str:
-    return launch_task.with_options(retries=params.retries,
+    return launch_task.with_options(retries=params.retries, retry_condition_fn=retriable,
                                     retry_delay_seconds=params.retry_delay_s)(
         stage, params, store, parents, return_state=True).result()
 

@@ -142,6 +142,28 @@ def test_a_failed_stage_is_relaunched_as_often_as_asked(harness, tmp_path):
     assert 2 in asyncio.run(launches())
 
 
+def test_bad_input_fails_once_with_its_message_in_the_flow_run(harness, tmp_path):
+    # What the UI shows: the flow run's state message names the field; no relaunch, no start.
+    import asyncio
+    from prefect.client.orchestration import get_client
+    from flows.params import StageParams
+    from flows.pipeline import sft_flow
+    from stages.configfile import ConfigError
+    params = StageParams(config="configs/tiny/sft.yaml", retries=3, retry_delay_s=0,
+                         overrides=["optim.lrr=0.1"])
+    state = sft_flow(params, store=str(tmp_path / "store"), return_state=True)
+    assert state.is_failed() and "unknown field 'optim.lrr'" in state.message
+    with pytest.raises(ConfigError):
+        state.result()
+
+    async def launch_runs():
+        async with get_client() as client:
+            return [r for r in await client.read_task_runs(
+                flow_run_filter=None) if r.flow_run_id == state.state_details.flow_run_id]
+    (run,) = asyncio.run(launch_runs())
+    assert run.run_count == 1 and not (tmp_path / "store").exists()
+
+
 def test_deployments_and_schedules_with_parameters(tmp_path):
     from flows.deploy import deployments, load_schedules
     schedules = load_schedules(REPO / "infra" / "schedules.yaml")
