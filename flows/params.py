@@ -71,3 +71,72 @@ def _tiny() -> PipelineParams:
 
 
 PRESETS = {"demo": PipelineParams(), "tiny": _tiny()}
+
+
+# --- the typed Run form of each stage deployment -------------------------------------------
+
+# The settings a person changes from the UI, per stage; the rest stays in the YAML (and the
+# free-text overrides).
+FORM_FIELDS = {
+    "pretrain": ["data.mixture", "model.preset", "model.init_from", "data.total_tokens",
+                 "train.max_steps", "train.global_batch_size", "train.micro_batch_size",
+                 "optim.lr", "optim.warmup_steps", "run.seed"],
+    "sft": ["parent", "data.dataset", "train.max_steps", "train.global_batch_size",
+            "train.micro_batch_size", "optim.lr", "lora.enabled", "lora.r", "run.seed"],
+    "rm": ["parent", "data.dataset", "train.max_steps", "train.global_batch_size",
+           "train.micro_batch_size", "optim.lr", "target_accuracy", "run.seed"],
+    "ppo": ["actor", "reward", "data.prompts", "ppo.advantage", "ppo.group_size",
+            "kl.target", "kl.coef", "rollout.temperature", "rollout.max_new_tokens",
+            "train.max_steps", "optim.lr", "run.seed"],
+}
+REFERENCE_FIELDS = ("parent", "actor", "reward", "model.init_from")
+
+
+def _schema_field(schema, dotted: str):
+    *path, last = dotted.split(".")
+    for part in path:
+        schema = schema.model_fields[part].annotation
+    return schema.model_fields[last]
+
+
+def settings_form(stage: str, config: str, known_models: list[str] = ()) -> type[BaseModel]:
+    """A pydantic model of the stage's form fields: types, limits and descriptions from the
+    stage's own schema, defaults from `config` (the YAML the deployment runs), so the Run form
+    shows what will happen and refuses a bad value before anything starts. Reference fields
+    list the store's model names."""
+    from pydantic import create_model
+    from pydantic.fields import FieldInfo
+
+    from stages.config import SCHEMAS
+    from stages.configfile import load_config, resolved
+    schema = SCHEMAS[stage]
+    values = resolved(load_config(schema, config))
+    fields = {}
+    for dotted in FORM_FIELDS[stage]:
+        info = _schema_field(schema, dotted)
+        default = values
+        for part in dotted.split("."):
+            default = default[part]
+        description = info.description or ""
+        if dotted in REFERENCE_FIELDS and known_models:
+            description += f" Models in the store: {', '.join(known_models[:20])}."
+        field = FieldInfo.merge_field_infos(info, default=default, title=dotted,
+                                            description=description)
+        fields[dotted.replace(".", "__")] = (info.annotation, field)
+    return create_model(f"{stage.capitalize()}Settings", __base__=BaseModel, **fields)
+
+
+def form_overrides(stage: str, settings: BaseModel | dict | None,
+                   defaults: BaseModel) -> list[str]:
+    """`key=value` overrides for the form fields a person changed from the shown defaults."""
+    if settings is None:
+        return []
+    given = settings if isinstance(settings, dict) else settings.model_dump()
+    shown = defaults.model_dump()
+    out = []
+    for name, value in given.items():
+        if name in shown and value != shown[name]:
+            text = "null" if value is None else str(value).lower() if isinstance(value, bool) \
+                else str(value)
+            out.append(f"{name.replace('__', '.')}={text}")
+    return out

@@ -14,8 +14,9 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact,
 from prefect.context import get_run_context
 
 from flows.launch import build_command, launch_inputs, run_stage
-from flows.params import PipelineParams, StageParams
+from flows.params import PipelineParams, StageParams, form_overrides, settings_form
 from stages import lineage
+from stages.config import STAGES
 from stages.artifacts import ArtifactStore, json_digest, now_iso
 from stages.metrics import BASELINE, canonical, headline_of
 
@@ -70,9 +71,10 @@ def artifact_resource(store: ArtifactStore, art, standalone: str) -> dict[str, s
 
 @task(name="launch")
 def launch_task(stage: str, params: StageParams, store: str | None,
-                parents: dict[str, str] | None = None) -> str:
+                parents: dict[str, str] | None = None, form: list[str] = ()) -> str:
     """Run `deepspeed --module stages.<stage>` and return the artifact digest it printed.
-    `parents` (config field -> digest) pins the exact artifacts the previous stages produced."""
+    `parents` (config field -> digest) pins the exact artifacts the previous stages produced;
+    `form` are the Run form's changed settings as overrides (the free-text ones come last)."""
     log = get_run_logger()
     started = now_iso()
     ctx = get_run_context()
@@ -81,7 +83,7 @@ def launch_task(stage: str, params: StageParams, store: str | None,
     # few environment variables to the other nodes.
     overrides = [*([f"run.store={store}"] if store else []),
                  *([f"run.flow_run_id={run_id}"] if run_id else []),
-                 *(["run.force=true"] if params.force else []),
+                 *(["run.force=true"] if params.force else []), *form,
                  *(f"{k}={v}" for k, v in (parents or {}).items()), *params.overrides]
     cmd = build_command(stage, params.config, overrides)
     # Decided here, before any launcher starts: an unchanged stage costs a second, not the
@@ -218,35 +220,45 @@ def retriable(task, task_run, state) -> bool:
 
 
 def launch(stage: str, params: StageParams, store: str | None,
-           parents: dict[str, str] | None = None) -> str:
+           parents: dict[str, str] | None = None, settings=None) -> str:
+    form = form_overrides(stage, settings, SETTINGS[stage]())
     return launch_task.with_options(retries=params.retries, retry_condition_fn=retriable,
                                     retry_delay_seconds=params.retry_delay_s)(
-        stage, params, store, parents, return_state=True).result()
+        stage, params, store, parents, form, return_state=True).result()
+
+
+# The Run form of each stage deployment: typed fields from the stage's schema, shown with the
+# values of the config the deployment runs by default.
+SETTINGS = {stage: settings_form(stage, f"configs/demo/{stage}.yaml") for stage in STAGES}
+PretrainSettings, SftSettings, RmSettings, PpoSettings = (SETTINGS[s] for s in STAGES)
 
 
 @flow(name="pretrain")
 def pretrain_flow(params: StageParams = StageParams(config="configs/demo/pretrain.yaml"),
-                  store: str | None = None) -> str:
+                  store: str | None = None,
+                  settings: PretrainSettings = PretrainSettings()) -> str:
     """Pretrain on the config's mixture (default: the demo model on the demo corpus)."""
-    digest = launch("pretrain", params, store)
+    digest = launch("pretrain", params, store, settings=settings)
     publish("pretrain", digest, ArtifactStore(store))
     return digest
 
 
 @flow(name="sft")
 def sft_flow(params: StageParams = StageParams(config="configs/demo/sft.yaml"),
-             parent: str | None = None, store: str | None = None) -> str:
+             parent: str | None = None, store: str | None = None,
+             settings: SftSettings = SftSettings()) -> str:
     """Fine-tune `parent` (a digest or name@version; default: the config's parent)."""
-    digest = launch("sft", params, store, {"parent": parent} if parent else None)
+    digest = launch("sft", params, store, {"parent": parent} if parent else None, settings)
     publish("sft", digest, ArtifactStore(store))
     return digest
 
 
 @flow(name="rm")
 def rm_flow(params: StageParams = StageParams(config="configs/demo/rm.yaml"),
-            parent: str | None = None, store: str | None = None) -> str:
+            parent: str | None = None, store: str | None = None,
+            settings: RmSettings = RmSettings()) -> str:
     """Train a reward model from the SFT model `parent` (default: the config's parent)."""
-    digest = launch("rm", params, store, {"parent": parent} if parent else None)
+    digest = launch("rm", params, store, {"parent": parent} if parent else None, settings)
     publish("rm", digest, ArtifactStore(store))
     return digest
 
@@ -266,10 +278,10 @@ def validate(params: PipelineParams) -> None:
 @flow(name="ppo")
 def ppo_flow(params: StageParams = StageParams(config="configs/demo/ppo.yaml"),
              actor: str | None = None, reward: str | None = None,
-             store: str | None = None) -> str:
+             store: str | None = None, settings: PpoSettings = PpoSettings()) -> str:
     """PPO on the SFT model `actor` against the reward model `reward` (defaults: the config's)."""
     pins = {k: v for k, v in (("actor", actor), ("reward", reward)) if v}
-    digest = launch("ppo", params, store, pins)
+    digest = launch("ppo", params, store, pins, settings)
     publish("ppo", digest, ArtifactStore(store))
     return digest
 

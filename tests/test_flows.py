@@ -164,6 +164,39 @@ def test_bad_input_fails_once_with_its_message_in_the_flow_run(harness, tmp_path
     assert run.run_count == 1 and not (tmp_path / "store").exists()
 
 
+def test_the_run_form_is_typed_from_the_stage_schema(harness, tmp_path, monkeypatch):
+    # Before: a config path and free-text overrides; changing a learning rate meant knowing
+    # the key's spelling. Now each stage deployment has typed, described settings with the
+    # deployment's YAML values as defaults.
+    from flows import pipeline
+    from flows.deploy import deployments
+    from flows.params import StageParams
+    dep = next(d for d in deployments([], store=str(tmp_path)) if d.name == "sft")
+    schema = dep._parameter_openapi_schema.model_dump()
+    lr = schema["definitions"]["SftSettings"]["properties"]["optim__lr"]
+    assert lr["title"] == "optim.lr" and lr["default"] == 0.001 and lr["exclusiveMinimum"] == 0
+    assert "Peak learning rate" in lr["description"]
+    # a changed field becomes an override; unchanged ones leave the chosen YAML alone
+    launched = []
+
+    def fake_run_stage(cmd, **kw):
+        launched.append(cmd)
+        raise RuntimeError("stopped before the launcher")
+    monkeypatch.setattr(pipeline, "run_stage", fake_run_stage)
+    state = pipeline.sft_flow(StageParams(config="configs/tiny/sft.yaml"),
+                              settings=pipeline.SftSettings(optim__lr=0.002),
+                              store=str(tmp_path / "store"), return_state=True)
+    assert state.is_failed() and "stopped before the launcher" in state.message
+    (cmd,) = launched
+    assert "optim.lr=0.002" in cmd and not any(a.startswith("train.max_steps=") for a in cmd)
+    # a bad value is refused by the form's types and limits, naming the field, before any run
+    launched.clear()
+    with pytest.raises(Exception, match="optim__lr"):
+        pipeline.sft_flow(StageParams(config="configs/tiny/sft.yaml"),
+                          settings={"optim__lr": -1}, store=str(tmp_path / "store"))
+    assert not launched
+
+
 def test_deployments_and_schedules_with_parameters(tmp_path):
     from flows.deploy import deployments, load_schedules
     schedules = load_schedules(REPO / "infra" / "schedules.yaml")
