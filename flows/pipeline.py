@@ -203,8 +203,8 @@ def publish(stage: str, digest: str, store: ArtifactStore) -> None:
         for k, v in sorted(metrics.items())], description=f"{stage} metrics of {art.short}")
     create_markdown_artifact(key=f"{slug(name)}-lineage", description=f"lineage of {name}",
                              markdown=f"# {name} `{art.short}`\n\nStore: `{store.root}`\n\n"
-                                      f"```\n{lineage.render_text(g)}\n```\n\n"
-                                      f"```mermaid\n{lineage.render_mermaid(g)}\n```\n")
+                                      f"```mermaid\n{lineage.render_mermaid(g)}\n```\n\n"
+                                      f"```\n{lineage.render_text(g)}\n```\n")
 
 
 def slug(name: str) -> str:
@@ -235,8 +235,8 @@ PretrainSettings, SftSettings, RmSettings, PpoSettings = (SETTINGS[s] for s in S
 
 @flow(name="pretrain")
 def pretrain_flow(params: StageParams = StageParams(config="configs/demo/pretrain.yaml"),
-                  store: str | None = None,
-                  settings: PretrainSettings = PretrainSettings()) -> str:
+                  settings: PretrainSettings = PretrainSettings(),
+                  store: str | None = None) -> str:
     """Pretrain on the config's mixture (default: the demo model on the demo corpus)."""
     digest = launch("pretrain", params, store, settings=settings)
     publish("pretrain", digest, ArtifactStore(store))
@@ -245,8 +245,8 @@ def pretrain_flow(params: StageParams = StageParams(config="configs/demo/pretrai
 
 @flow(name="sft")
 def sft_flow(params: StageParams = StageParams(config="configs/demo/sft.yaml"),
-             parent: str | None = None, store: str | None = None,
-             settings: SftSettings = SftSettings()) -> str:
+             settings: SftSettings = SftSettings(), parent: str | None = None,
+             store: str | None = None) -> str:
     """Fine-tune `parent` (a digest or name@version; default: the config's parent)."""
     digest = launch("sft", params, store, {"parent": parent} if parent else None, settings)
     publish("sft", digest, ArtifactStore(store))
@@ -255,8 +255,8 @@ def sft_flow(params: StageParams = StageParams(config="configs/demo/sft.yaml"),
 
 @flow(name="rm")
 def rm_flow(params: StageParams = StageParams(config="configs/demo/rm.yaml"),
-            parent: str | None = None, store: str | None = None,
-            settings: RmSettings = RmSettings()) -> str:
+            settings: RmSettings = RmSettings(), parent: str | None = None,
+            store: str | None = None) -> str:
     """Train a reward model from the SFT model `parent` (default: the config's parent)."""
     digest = launch("rm", params, store, {"parent": parent} if parent else None, settings)
     publish("rm", digest, ArtifactStore(store))
@@ -277,8 +277,8 @@ def validate(params: PipelineParams) -> None:
 
 @flow(name="ppo")
 def ppo_flow(params: StageParams = StageParams(config="configs/demo/ppo.yaml"),
-             actor: str | None = None, reward: str | None = None,
-             store: str | None = None, settings: PpoSettings = PpoSettings()) -> str:
+             settings: PpoSettings = PpoSettings(), actor: str | None = None,
+             reward: str | None = None, store: str | None = None) -> str:
     """PPO on the SFT model `actor` against the reward model `reward` (defaults: the config's)."""
     pins = {k: v for k, v in (("actor", actor), ("reward", reward)) if v}
     digest = launch("ppo", params, store, pins, settings)
@@ -297,11 +297,12 @@ def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, s
     if "pretrain" in run:
         if params.corpus:
             out["corpus"] = corpus_task(params.corpus, params.store)
-        out["pretrain"] = pretrain_flow(params.pretrain, params.store)
+        out["pretrain"] = pretrain_flow(params.pretrain, store=params.store)
     if "sft" in run:
-        out["sft"] = sft_flow(params.sft, out.get("pretrain"), params.store)
+        out["sft"] = sft_flow(params.sft, parent=out.get("pretrain"), store=params.store)
     if "rm" in run:
-        out["rm"] = rm_flow(params.rm, out.get("sft"), params.store)
+        out["rm"] = rm_flow(params.rm, parent=out.get("sft"), store=params.store)
     if "ppo" in run:
-        out["ppo"] = ppo_flow(params.ppo, out.get("sft"), out.get("rm"), params.store)
+        out["ppo"] = ppo_flow(params.ppo, actor=out.get("sft"), reward=out.get("rm"),
+                              store=params.store)
     return out
