@@ -4,6 +4,7 @@ Prefect artifacts. Everything heavy happens in the stage processes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -173,11 +174,18 @@ def report(stage: str, art, store: ArtifactStore) -> str:
             cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ")[:80]
                      for k in ("prompt", "response", "answer")]
             lines.append("| " + " | ".join(cells) + " |")
-    if files:
-        lines += ["", f"Checkpoint: `{files}`"]
-        if (files / "curves.png").exists():
-            lines += [f"Curves: [curves.png](file://{files / 'curves.png'})"]
+    if files and (files / "curves.png").exists() and \
+            (files / "curves.png").stat().st_size <= CURVES_INLINE_MAX:
+        # Inline: a file:// link is one no browser on the UI's page will open.
+        data = base64.b64encode((files / "curves.png").read_bytes()).decode()
+        lines += ["", "## Training curves", "", f"![training curves](data:image/png;base64,{data})"]
+    where = files if files else f"{store.root.rstrip('/')}/artifacts/{art.digest}"
+    lines += ["", f"Checkpoint: `{where}`  (`alignflow --store {store.root} show {art.short}`; "
+                  f"loads with `from_pretrained` once local)"]
     return "\n".join(lines) + "\n"
+
+
+CURVES_INLINE_MAX = 1 << 20     # bytes of PNG a report embeds
 
 
 def _fmt(v) -> str:
@@ -192,10 +200,11 @@ def publish(stage: str, digest: str, store: ArtifactStore) -> None:
     g = lineage.build(store, digest)
     create_markdown_artifact(key=f"{slug(name)}-report", markdown=report(stage, art, store),
                              description=f"{stage} report of {art.short}")
-    if store.local:
-        create_link_artifact(key=f"{slug(name)}-checkpoint",
-                             link=f"file://{store.local_path(digest)}",
-                             link_text=f"{name} {art.short}", description="the exported model")
+    # On an object store the link is the artifact's URL there (s3://, gs://, https://).
+    create_link_artifact(key=f"{slug(name)}-checkpoint",
+                         link=f"file://{store.local_path(digest)}" if store.local else
+                         f"{store.root.rstrip('/')}/artifacts/{digest}",
+                         link_text=f"{name} {art.short}", description="the exported model")
     metrics = {k: v for k, v in canonical(art.manifest.get("metrics", {}), art.stage).items()
                if isinstance(v, (int, float))}
     create_table_artifact(key=f"{slug(name)}-metrics", table=[

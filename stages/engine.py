@@ -343,7 +343,9 @@ def hf_log(history: list[dict]) -> list[dict]:
     def name(k: str) -> str:
         if k in rename:
             return rename[k]
-        if k.endswith(("_runtime", "_per_second")):
+        if k.endswith(("_runtime", "_per_second", "num_tokens")):
+            # Counters and speeds, not quality: a token count on the eval panel's axis
+            # flattens every loss to zero.
             return f"perf/{k}"
         return f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
     return [{name(k): v for k, v in row.items()} for row in history]

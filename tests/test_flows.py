@@ -64,6 +64,9 @@ def test_pipeline_flow_chains_stages_and_publishes_lineage(harness, tmp_path):
     assert "| gold/accuracy |" in got["tiny-sft-report"].data
     assert "held-out gold accuracy" in got["tiny-sft-report"].data   # the stage's headline
     assert "Sample generations" in got["tiny-ppo-report"].data
+    # the curves are in the page itself; a file:// link is one no browser would open there
+    assert "![training curves](data:image/png;base64," in got["tiny-ppo-report"].data
+    assert "file://" not in got["tiny-ppo-report"].data
 
     async def progress():
         async with get_client() as client:
@@ -310,3 +313,16 @@ def test_serve_installs_the_automation_that_crashes_dead_runs(harness):
         seconds=3 * HEARTBEAT_S)
     assert "prefect.flow-run.heartbeat" in auto.trigger.expect
     assert auto.actions[0].state == StateType.CRASHED
+
+
+def test_a_report_on_an_object_store_points_into_the_store(tmp_path):
+    import os
+    from flows.pipeline import report
+    from tests.conftest import put
+    store = ArtifactStore(f"memory://alignflow-report-{os.getpid()}")
+    art = put(store, tmp_path, {"model.safetensors": b"w"}, kind="model", stage="sft",
+              name="remote-sft", metrics={"eval/loss": 1.0},
+              extra={"headline": {"metric": "eval/loss", "value": 1.0, "text": "loss 1.0"}})
+    text = report("sft", art, store)
+    assert f"Checkpoint: `{store.root}/artifacts/{art.digest}`" in text
+    assert f"alignflow --store {store.root} show {art.short}" in text

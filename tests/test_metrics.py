@@ -47,10 +47,13 @@ def test_with_baseline_and_verdict():
 def test_hf_trainer_log_in_our_names():
     from stages.engine import hf_log
     rows = hf_log([{"loss": 2.0, "learning_rate": 1e-3, "grad_norm": 0.5, "step": 1,
-                    "epoch": 0.1}, {"eval_loss": 1.9, "eval_runtime": 0.3, "step": 3},
+                    "epoch": 0.1}, {"eval_loss": 1.9, "eval_runtime": 0.3, "step": 3,
+                                    "eval_num_tokens": 4000.0},
                    {"train_loss": 1.95, "train_runtime": 9.0, "rewards/chosen": 0.2}])
+    # token counters are not curves to draw beside a loss
     assert rows == [{"train/loss": 2.0, "train/lr": 1e-3, "train/grad_norm": 0.5, "step": 1,
-                     "epoch": 0.1}, {"eval/loss": 1.9, "perf/eval_runtime": 0.3, "step": 3},
+                     "epoch": 0.1}, {"eval/loss": 1.9, "perf/eval_runtime": 0.3, "step": 3,
+                                     "perf/eval_num_tokens": 4000.0},
                     {"train/mean_loss": 1.95, "perf/train_runtime": 9.0,
                      "train/rewards/chosen": 0.2}]
 
