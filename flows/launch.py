@@ -20,7 +20,8 @@ from stages.artifacts import (STAGES_DIR, ArtifactError, ArtifactStore, code_mod
 from stages.config import load_stage_config
 from stages.configfile import REPO_ROOT as REPO
 from stages.configfile import find_file, read_yaml, resolved, shell_safe
-from stages.proc import GRACE_S, HANDSHAKE, free_port, release_shm
+from stages.proc import (GRACE_S, HANDSHAKE, extensions_dir, free_port, release_shm,
+                         stale_build_locks)
 
 
 def deepspeed_exe() -> str:
@@ -65,8 +66,12 @@ def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], 
     is led by a guard (`stages.proc.guard`) that stops it when this process dies, however it
     dies. The timeout is a timer: a stage that hangs without printing is stopped too.
     """
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
-                "ALIGNFLOW_LAUNCH_COMMAND": shlex.join(cmd)}
+    full_env = {"TORCH_EXTENSIONS_DIR": str(extensions_dir()), **os.environ, **(env or {}),
+                "PYTHONUNBUFFERED": "1", "ALIGNFLOW_LAUNCH_COMMAND": shlex.join(cmd)}
+    for lock in stale_build_locks(Path(full_env["TORCH_EXTENSIONS_DIR"])):
+        on_line(f"[alignflow] removing {lock}: a build lock left by a killed launch (older "
+                f"than any build); the op is rebuilt")
+        lock.unlink(missing_ok=True)
     guarded = [sys.executable, "-m", "stages.proc", "guard", str(os.getpid()), "--", *cmd]
     proc = subprocess.Popen(guarded, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def leaked_shm(shm: Path = SHM_DIR, older_than_s: float = 3600,
         in_use |= {f for f in files if str(f) in held}
     cutoff = time.time() - (max(older_than_s, min_age_s) if blind else min_age_s)
     return sorted(f for f in files - in_use if f.exists() and f.stat().st_mtime < cutoff)
+
+
+# --- DeepSpeed's JIT-built ops -----------------------------------------------------------
+
+BATON_STALE_S = 1800   # a JIT build of a DeepSpeed op takes ~100 s on 2 cores
+
+
+def extensions_dir() -> Path:
+    """Where torch builds DeepSpeed's ops for this environment: one folder per venv, because
+    two venvs sharing ~/.cache/torch_extensions rebuild the op for each other every launch."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
+
+
+def stale_build_locks(root: Path, older_than_s: float = BATON_STALE_S) -> list[Path]:
+    """torch's build lock files (`<op>/lock`) older than a build can take: left by a process
+    killed while it built an op, they make every later launch wait for ever without a word."""
+    cutoff = time.time() - older_than_s
+    return sorted(p for p in root.glob("*/*/lock") if p.is_file() and p.stat().st_mtime < cutoff) + \
+        sorted(p for p in root.glob("*/lock") if p.is_file() and p.stat().st_mtime < cutoff)
 
 
 # --- the job's guard ----------------------------------------------------------------------
@@ -96,7 +116,6 @@ def _alive(pid: int) -> bool:
 
 
 if __name__ == "__main__":
-    import sys
     # python -m stages.proc guard PARENT_PID -- COMMAND ...
     if len(sys.argv) < 5 or sys.argv[1] != "guard" or sys.argv[3] != "--":
         sys.exit("usage: python -m stages.proc guard PARENT_PID -- COMMAND ...")

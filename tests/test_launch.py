@@ -74,3 +74,20 @@ def test_a_second_ctrl_c_does_not_cut_the_stop_short(tmp_path):
     with pytest.raises(KeyboardInterrupt):       # delivered, but only once the group is gone
         stop_group(stubborn, grace=2)
     assert stubborn.returncode == -signal.SIGKILL
+
+
+def test_a_build_lock_left_by_a_killed_launch_is_removed(tmp_path, monkeypatch):
+    # A launch killed while DeepSpeed JIT-built its op left torch's `lock` file, and every
+    # later launch slept in FileBaton.wait for ever (seen: two test runs hung 12 minutes).
+    from stages.proc import stale_build_locks
+    op = tmp_path / "py311_cpu" / "deepspeed_shm_comm"
+    op.mkdir(parents=True)
+    (op / "lock").touch()
+    assert stale_build_locks(tmp_path) == []               # a build may be under way
+    os.utime(op / "lock", (time.time() - 3600, time.time() - 3600))
+    assert stale_build_locks(tmp_path) == [op / "lock"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lines = []
+    run_stage([sys.executable, "-c", "print('ran')"], on_line=lines.append)
+    assert not (op / "lock").exists() and "ran" in lines
+    assert any("a build lock left by a killed launch" in line for line in lines)
