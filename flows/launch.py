@@ -14,13 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from stages.artifacts import (STAGES_DIR, ArtifactError, ArtifactStore, code_modules,
-                              default_home, default_store_root, inputs_of, json_digest,
-                              sha256_file)
+from stages.artifacts import (ArtifactError, ArtifactStore, code_hashes, default_home,
+                              default_store_root, inputs_of, json_digest)
 from stages.config import load_stage_config
 from stages.configfile import REPO_ROOT as REPO
 from stages.configfile import find_file, read_yaml, resolved, shell_safe
-from stages.proc import (GRACE_S, HANDSHAKE, extensions_dir, free_port, release_shm,
+from stages.lineage import flatten
+from stages.proc import (GRACE_S, HANDSHAKE, extensions_dir, free_port, release_job_shm,
                          stale_build_locks)
 
 
@@ -102,13 +102,6 @@ def run_stage(cmd: list[str], env: dict | None = None, on_line: Callable[[str], 
         release_job_shm(cmd)
 
 
-def release_job_shm(cmd: list[str]) -> None:
-    """Unlink the shared-memory buffers DeepSpeed's CPU allreduce leaves behind for this job's
-    port, whatever way it ended (a rank killed or crashed never cleans up after itself)."""
-    if "--master_port" in cmd:
-        release_shm(cmd[cmd.index("--master_port") + 1])
-
-
 def stop_group(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
     """SIGTERM the launcher and every rank, then SIGKILL whatever is left after `grace`. A
     second Ctrl-C meanwhile is held until the group is gone: it must not cut the SIGKILL."""
@@ -161,7 +154,7 @@ def launch_inputs(stage: str, config: str | Path, overrides: list[str],
     except ArtifactError:
         return None
     return {"stage": stage, "config": cfg, "inputs": parts,
-            "code": {m: sha256_file(STAGES_DIR / f"{m}.py") for m in code_modules(stage)}}
+            "code": code_hashes(stage)}
 
 
 def launch_key(stage: str, config: str | Path, overrides: list[str],
@@ -174,7 +167,7 @@ def changes(before: dict, now: dict) -> list[str]:
     """What differs between two launches' inputs, in words: config keys, input files and
     references, code modules."""
     out = []
-    flat_a, flat_b = _flat(before.get("config", {})), _flat(now["config"])
+    flat_a, flat_b = flatten(before.get("config", {})), flatten(now["config"])
     out += [f"{k}: {flat_a.get(k)!r} -> {flat_b.get(k)!r}" for k in sorted(set(flat_a) | set(flat_b))
             if flat_a.get(k) != flat_b.get(k)]
     was = {tuple(p[:-1]): p[-1] for p in map(tuple, before.get("inputs", []))}
@@ -184,16 +177,6 @@ def changes(before: dict, now: dict) -> list[str]:
     code_a, code_b = before.get("code", {}), now["code"]
     out += [f"stages/{m}.py changed" for m in sorted(set(code_a) | set(code_b))
             if code_a.get(m) != code_b.get(m)]
-    return out
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
     return out
 
 

@@ -89,7 +89,6 @@ FORM_FIELDS = {
             "kl.target", "kl.coef", "rollout.temperature", "rollout.max_new_tokens",
             "train.max_steps", "optim.lr", "run.seed"],
 }
-REFERENCE_FIELDS = ("parent", "actor", "reward", "model.init_from")
 
 
 def _schema_field(schema, dotted: str):
@@ -99,11 +98,10 @@ def _schema_field(schema, dotted: str):
     return schema.model_fields[last]
 
 
-def settings_form(stage: str, config: str, known_models: list[str] = ()) -> type[BaseModel]:
+def settings_form(stage: str, config: str) -> type[BaseModel]:
     """A pydantic model of the stage's form fields: types, limits and descriptions from the
     stage's own schema, defaults from `config` (the YAML the deployment runs), so the Run form
-    shows what will happen and refuses a bad value before anything starts. Reference fields
-    list the store's model names."""
+    shows what will happen and refuses a bad value before anything starts."""
     from pydantic import create_model
     from pydantic.fields import FieldInfo
 
@@ -117,17 +115,13 @@ def settings_form(stage: str, config: str, known_models: list[str] = ()) -> type
         default = values
         for part in dotted.split("."):
             default = default[part]
-        description = info.description or ""
-        if dotted in REFERENCE_FIELDS and known_models:
-            description += f" Models in the store: {', '.join(known_models[:20])}."
         field = FieldInfo.merge_field_infos(info, default=default, title=dotted,
-                                            description=description)
+                                            description=info.description or "")
         fields[dotted.replace(".", "__")] = (info.annotation, field)
     return create_model(f"{stage.capitalize()}Settings", __base__=BaseModel, **fields)
 
 
-def form_overrides(stage: str, settings: BaseModel | dict | None,
-                   defaults: BaseModel) -> list[str]:
+def form_overrides(settings: BaseModel | dict | None, defaults: BaseModel) -> list[str]:
     """`key=value` overrides for the form fields a person changed from the shown defaults."""
     if settings is None:
         return []

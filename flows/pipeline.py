@@ -230,7 +230,7 @@ def retriable(task, task_run, state) -> bool:
 
 def launch(stage: str, params: StageParams, store: str | None,
            parents: dict[str, str] | None = None, settings=None) -> str:
-    form = form_overrides(stage, settings, SETTINGS[stage]())
+    form = form_overrides(settings, SETTINGS[stage]())
     return launch_task.with_options(retries=params.retries, retry_condition_fn=retriable,
                                     retry_delay_seconds=params.retry_delay_s)(
         stage, params, store, parents, form, return_state=True).result()

@@ -51,6 +51,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")   # never 
 TRACKED_PACKAGES = ("alignflow", "torch", "transformers", "trl", "datasets", "tokenizers",
                     "deepspeed", "prefect", "pyarrow", "peft", "pydantic", "fsspec")
 _CHUNK = 1 << 20
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")   # a model name: also a folder under names/
 
 
 _VERIFIED_CACHE: set[str] = set()   # cached downloads this process has checked once
@@ -153,12 +154,17 @@ def code_modules(module: str, root: Path = STAGES_DIR) -> list[str]:
     return sorted(seen)
 
 
-def code_fingerprint(key_kind: str, root: Path = STAGES_DIR) -> str:
-    """Digest of the code an input key of this kind depends on: the module that computes it
-    and the stages modules it imports. Editing ppo.py reruns PPO only; editing data.py reruns
-    what reads data; editing a README, a flow or a module nobody imports reruns nothing."""
+def code_hashes(key_kind: str, root: Path = STAGES_DIR) -> dict[str, str]:
+    """{module: sha256} of the code an input key of this kind depends on: the module that
+    computes it and the stages modules it imports."""
     module = KEY_MODULES.get(key_kind) or key_kind.split("-")[0]
-    return json_digest({m: sha256_file(root / f"{m}.py") for m in code_modules(module, root)})
+    return {m: sha256_file(root / f"{m}.py") for m in code_modules(module, root)}
+
+
+def code_fingerprint(key_kind: str, root: Path = STAGES_DIR) -> str:
+    """Digest of `code_hashes`. Editing ppo.py reruns PPO only; editing data.py reruns what
+    reads data; editing a README, a flow or a module nobody imports reruns nothing."""
+    return json_digest(code_hashes(key_kind, root))
 
 
 # Fields that say where a run happens, not what it computes: they never bust the cache.
@@ -350,18 +356,20 @@ class ArtifactStore:
                 self.quarantine(digest)
             stage = Path(self._p("tmp", f"{digest[:12]}-{uuid.uuid4().hex[:8]}"))
             stage.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if not move:
-                    raise OSError(errno.EXDEV, "copy asked for")
-                os.rename(src, stage)
-            except OSError as e:
-                # Equal st_dev is no promise: bind mounts (containers, k8s subPaths) share a
-                # device and still refuse a rename across them with EXDEV.
-                if e.errno != errno.EXDEV:
-                    raise
+            moved = False
+            if move:
+                try:
+                    os.rename(src, stage)
+                    moved = True
+                except OSError as e:
+                    # Equal st_dev is no promise: bind mounts (containers, k8s subPaths) share
+                    # a device and still refuse a rename across them with EXDEV.
+                    if e.errno != errno.EXDEV:
+                        raise
+            if not moved:
                 shutil.copytree(src, stage, symlinks=True)
             (stage / MANIFEST).write_bytes(body)
-            _fsync_tree(stage)
+            fsync_tree(stage)
             Path(final).parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(stage, final)
@@ -579,7 +587,7 @@ class ArtifactStore:
         """name, name@latest, name@N, or a digest prefix (>= 6 hex chars) -> full digest."""
         ref = ref.strip()
         name, _, ver = ref.partition("@")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+        if not NAME.fullmatch(name) or ".." in name:
             # Checked before the name becomes a path: 'a/../../x' must not walk the disk.
             raise NotFound(f"'{ref}' is not a reference: use a model name (letters, digits, "
                            f"'.', '_', '-'), name@N, name@latest or a digest")
@@ -605,11 +613,8 @@ class ArtifactStore:
         raise NotFound(f"no artifact or model named '{ref}' in store {self.root}")
 
     def digests(self) -> list[str]:
-        root = self._p("artifacts")
-        if not self.fs.exists(root):
-            return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(root, detail=False)
-                      if self.fs.exists(posixpath.join(p, MANIFEST)))
+        """The published artifacts: directories with their manifest."""
+        return [d for d in self.directories() if self._exists(d)]
 
     def directories(self) -> list[str]:
         """Every artifact directory, with or without its manifest (for verify)."""
@@ -744,7 +749,7 @@ def build_once(store: ArtifactStore, kind: str, key: str, build: Callable[[Path]
 
 
 def _check_name(name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    if not NAME.fullmatch(name):
         raise ArtifactError(f"model name {name!r}: use letters, digits, '.', '_' and '-'")
 
 
@@ -760,7 +765,10 @@ def write_durable(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Every file and directory below `root` (and root) on disk; nothing when it is absent."""
+    if not root.exists():
+        return
     for p in root.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from stages import proc
-from stages.artifacts import default_home, write_durable
+from stages.artifacts import default_home, fsync_tree, write_durable
 from stages.config import DeepSpeedConfig, OptimConfig, TrainConfig, load_deepspeed_template
 
 
@@ -264,20 +264,6 @@ def load_checkpoint(engines: dict, ckpt: Path, d: Dist) -> dict | None:
         client = client or state
     set_rng_state(client["rng"][d.rank])
     return client
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory below `root` (this rank's files and the others' it can
-    see), so what they name is on disk."""
-    if not root.exists():
-        return
-    for p in [root, *root.rglob("*")]:
-        if p.is_dir() or p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, newest: str) -> None:

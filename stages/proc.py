@@ -30,6 +30,13 @@ def release_shm(port: str | int, rank: str | int = "*") -> list[Path]:
     return gone
 
 
+def release_job_shm(cmd: list[str]) -> None:
+    """Unlink the shared-memory buffers DeepSpeed's CPU allreduce leaves behind for this job's
+    port, whatever way it ended (a rank killed or crashed never cleans up after itself)."""
+    if "--master_port" in cmd:
+        release_shm(cmd[cmd.index("--master_port") + 1])
+
+
 def leaked_shm(shm: Path = SHM_DIR, older_than_s: float = 3600,
                min_age_s: float = 60) -> list[Path]:
     """DeepSpeed CPU allreduce buffers that no live process maps or holds open: left by jobs
@@ -65,8 +72,8 @@ def stale_build_locks(root: Path, older_than_s: float = BATON_STALE_S) -> list[P
     """torch's build lock files (`<op>/lock`) older than a build can take: left by a process
     killed while it built an op, they make every later launch wait for ever without a word."""
     cutoff = time.time() - older_than_s
-    return sorted(p for p in root.glob("*/*/lock") if p.is_file() and p.stat().st_mtime < cutoff) + \
-        sorted(p for p in root.glob("*/lock") if p.is_file() and p.stat().st_mtime < cutoff)
+    found = [*root.glob("*/*/lock"), *root.glob("*/lock")]
+    return sorted(p for p in found if p.is_file() and p.stat().st_mtime < cutoff)
 
 
 # --- the job's guard ----------------------------------------------------------------------
@@ -96,9 +103,7 @@ def guard(parent: int, cmd: list[str], poll_s: float = 0.5) -> int:
                 child.wait(timeout=GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-            port = cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else None
-            if port:
-                release_shm(port)
+            release_job_shm(cmd)
             os.killpg(0, signal.SIGKILL)     # the guard goes with them
             return 137
 
