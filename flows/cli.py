@@ -175,6 +175,17 @@ def cmd_sample(store: ArtifactStore, args) -> int:
     return subprocess.run(cmd).returncode
 
 
+def cmd_import(store: ArtifactStore, args) -> int:
+    """A pretrained model into the store, in a child process (the CLI never imports torch)."""
+    import subprocess
+    cmd = [sys.executable, "-m", "stages.imports", args.source, "--store", store.root,
+           *(["--name", args.name] if args.name else []),
+           *(["--revision", args.revision] if args.revision else []),
+           *(["--force"] if args.force else [])]
+    return subprocess.run(cmd, stdout=subprocess.DEVNULL if not args.verbose else None) \
+        .returncode
+
+
 def cmd_serve(store: ArtifactStore, args) -> int:
     """Serve every deployment from this process; runs start from the UI or the API."""
     prefect_env()
@@ -271,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--used-by", action="store_true",
                    help="the other way: every artifact trained from REF, directly or not")
     s.set_defaults(func=cmd_lineage)
+
+    s = sub.add_parser("import", help="register a pretrained model (HF directory, .gguf, import "
+                       "recipe .yaml, or Hub org/model@rev) as a model artifact")
+    s.add_argument("source")
+    s.add_argument("--name", help="model name in the store (a recipe names its own)")
+    s.add_argument("--revision", help="Hub revision (or org/model@rev)")
+    s.add_argument("--force", action="store_true", help="import again even if unchanged")
+    s.add_argument("--verbose", action="store_true", help="also print the handshake line")
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("show", help="print an artifact's manifest (verified)")
     s.add_argument("ref")

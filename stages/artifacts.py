@@ -589,6 +589,11 @@ class ArtifactStore:
         name, _, ver = ref.partition("@")
         if not NAME.fullmatch(name) or ".." in name:
             # Checked before the name becomes a path: 'a/../../x' must not walk the disk.
+            if os.path.exists(ref):
+                # A path would train on bytes no manifest records (and that may change under
+                # a cached run): the import hashes them once and becomes the lineage root.
+                raise NotFound(f"'{ref}' is a path, not an artifact: import it first with "
+                               f"`alignflow import {ref} --name NAME`, then use NAME")
             raise NotFound(f"'{ref}' is not a reference: use a model name (letters, digits, "
                            f"'.', '_', '-'), name@N, name@latest or a digest")
         if self.fs.exists(self._p("names", name)):

@@ -35,10 +35,13 @@ class RunConfig(Strict):
 
 
 class ModelConfig(Strict):
-    preset: Literal["tiny", "demo", "125m", "350m", "1b", "7b"] = Field(
-        "tiny", description="LLaMA shape: tiny for tests, demo for the CPU demo, the rest for GPUs.")
-    init_from: str | None = Field(None, description="Artifact ref or HF checkpoint directory to "
-                                  "continue from instead of a random init (overrides preset).")
+    preset: Literal["tiny", "demo", "125m", "350m", "1b", "7b"] | None = Field(
+        "tiny", description="LLaMA shape: tiny for tests, demo for the CPU demo, the rest for GPUs "
+        "(unused with init_from).")
+    init_from: str | None = Field(None, description="Model artifact to continue from instead of "
+                                  "a random init (its architecture and tokenizer replace preset "
+                                  "and vocab_size); a directory must be imported first "
+                                  "(`alignflow import`).")
     max_position_embeddings: int | None = Field(None, gt=0, description="Override the preset's "
                                                 "context length.")
 
@@ -145,7 +148,8 @@ class PretrainDataConfig(Strict):
     mixture: str = Field(description="Data mixture YAML (datasets_cfg/*.yaml).")
     tokenizer: str | None = Field(None, description="Tokenizer artifact ref or HF directory to "
                                   "reuse; empty trains a byte-level BPE on the mixture.")
-    vocab_size: int = Field(8192, gt=0, description="BPE vocabulary when training a tokenizer.")
+    vocab_size: int | None = Field(8192, gt=0, description="BPE vocabulary when training a "
+                                   "tokenizer (unused with a tokenizer or init_from).")
     tokenizer_train_chars: int = Field(2_000_000, gt=0, description="Characters of the mixture "
                                        "(by weight) the BPE is trained on; more barely helps.")
     seq_len: int = Field(256, gt=1, description="Tokens per packed row (T of BxT).")
@@ -158,6 +162,27 @@ class PretrainConfig(StageConfig):
     stage: Literal["pretrain"] = "pretrain"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: PretrainDataConfig
+
+    @model_validator(mode="after")
+    def _settings_that_apply(self):
+        # Continued pretraining takes shape and tokenizer from the model: the preset and BPE
+        # size are cleared, so neither the input key nor the lineage shows settings never used.
+        if self.model.init_from:
+            if self.model.max_position_embeddings is not None:
+                raise ValueError("model.max_position_embeddings cannot change a pretrained "
+                                 "model's positions (model.init_from is set)")
+            if self.data.tokenizer and self.data.tokenizer != self.model.init_from:
+                raise ValueError(f"data.tokenizer={self.data.tokenizer} with model.init_from="
+                                 f"{self.model.init_from}: the model reads its own tokenizer's "
+                                 f"ids; leave data.tokenizer empty")
+            self.model.preset = None
+        if self.model.init_from or self.data.tokenizer:
+            self.data.vocab_size = None
+        elif self.model.preset is None:
+            raise ValueError("model.preset is empty and no model.init_from is given")
+        elif self.data.vocab_size is None:
+            raise ValueError("data.vocab_size is empty and no data.tokenizer is given")
+        return self
 
 
 # --- sft ----------------------------------------------------------------------------------

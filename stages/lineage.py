@@ -111,7 +111,11 @@ def labels(store: ArtifactStore) -> dict[str, str]:
 def _node(art: Artifact, labels: dict[str, str]) -> Node:
     m = art.manifest
     flat = flatten(m.get("config", {}))
-    config = {k: flat[k] for k in KEY_CONFIG if k in flat}
+    config = {k: flat[k] for k in KEY_CONFIG if flat.get(k) is not None}
+    facts = m.get("model_facts")
+    if facts:   # what was trained, read from the weights, before what was asked for
+        config = {"model": f"{facts['architecture']}/{facts['parameters'] / 1e6:.1f}M"
+                           f"/{facts.get('dtype')}", **config}
     named = canonical(m.get("metrics", {}), m.get("stage"))
     metrics = {k: named[k] for k in KEY_METRICS if k in named}
     return Node(art.digest, m["kind"], labels.get(art.digest, art.short), m.get("stage"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 
@@ -223,3 +224,38 @@ def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int =
         enc = tok(convs, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out.append(model(**enc).logits[:, 0].float())
     return torch.cat(out)
+
+
+def model_summary(path) -> dict:
+    """What a saved HF model directory is — architecture, parameters (from the safetensors
+    headers, no weights read), dtype, tokenizer, chat template — for its manifest, so lineage
+    shows what was trained rather than the settings that were asked for."""
+    import json
+    import struct
+    from pathlib import Path
+    root = Path(path)
+    cfg = json.loads((root / "config.json").read_text())
+    params, dtypes = 0, set()
+    for f in sorted(root.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name != "__metadata__":
+                params += math.prod(t["shape"])
+                dtypes.add(t["dtype"].lower())
+    tok_cfg = root / "tokenizer_config.json"
+    tok = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
+
+    def token(key):   # a plain string, or {"content": ...} in older files
+        v = tok.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+    return {"architecture": (cfg.get("architectures") or ["?"])[0],
+            "model_type": cfg.get("model_type"), "parameters": params,
+            "dtype": ",".join(sorted(dtypes)) or None,
+            "hidden_size": cfg.get("hidden_size"), "layers": cfg.get("num_hidden_layers"),
+            "max_position_embeddings": cfg.get("max_position_embeddings"),
+            "vocab_size": cfg.get("vocab_size"),
+            "tokenizer": {"class": tok.get("tokenizer_class"), "eos": token("eos_token"),
+                          "bos": token("bos_token"), "pad": token("pad_token")},
+            "chat_template": (root / "chat_template.jinja").is_file() or "chat_template" in tok}

@@ -53,7 +53,7 @@ def preflight(cfg: PretrainConfig, store: ArtifactStore):
     if cfg.data.seq_len > positions:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is above the model's "
                           f"{positions} positions")
-    if not cfg.data.tokenizer and not cfg.model.init_from:
+    if cfg.data.vocab_size is not None:
         if cfg.data.vocab_size < D.BYTE_ALPHABET + len(D.SPECIAL_TOKENS):
             raise ConfigError(f"data.vocab_size={cfg.data.vocab_size} is smaller than the "
                               f"{D.BYTE_ALPHABET} byte tokens + {len(D.SPECIAL_TOKENS)} specials")
@@ -61,10 +61,7 @@ def preflight(cfg: PretrainConfig, store: ArtifactStore):
 
 
 def model_dir(ref: str, store: ArtifactStore) -> Path:
-    """An HF directory: a store reference, else a path on disk."""
-    p = Path(ref)
-    if p.is_dir():
-        return p
+    """The HF directory of a store reference (a bare path is refused: import it first)."""
     return store.get(ref).local_path()
 
 
@@ -83,9 +80,7 @@ def get_tokenizer(cfg: PretrainConfig, mixture, fps: list[dict], store: Artifact
     from transformers import AutoTokenizer
     ref = cfg.data.tokenizer or cfg.model.init_from
     if ref:
-        path = model_dir(ref, store)
-        digest = store.resolve(ref) if not Path(ref).is_dir() else None
-        return AutoTokenizer.from_pretrained(path), digest
+        return AutoTokenizer.from_pretrained(model_dir(ref, store)), store.resolve(ref)
     spec = {"mixture": mixture.model_dump(mode="json"), "sources": fps,
             "vocab_size": cfg.data.vocab_size, "chars": cfg.data.tokenizer_train_chars,
             "seed": cfg.run.seed}
@@ -248,10 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     prepared = E.on_rank0(prepare, d)
     ds_art = store.get(prepared["dataset"])
     parents = {"dataset": ds_art.digest}
-    if prepared["tokenizer"]:
+    if cfg.model.init_from:
+        parents["init"] = store.resolve(cfg.model.init_from)   # its tokenizer comes with it
+    elif prepared["tokenizer"]:
         parents["tokenizer"] = prepared["tokenizer"]
-    if cfg.model.init_from and not Path(cfg.model.init_from).is_dir():
-        parents["init"] = store.resolve(cfg.model.init_from)
     if S.reused(run, **parents):
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -266,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.run.seed)  # same init on every rank
     if cfg.model.init_from:
         model = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model.init_from, store),
-                                                     torch_dtype=torch.float32)
+                                                     dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_config(llama_config(
             cfg.model.preset, len(tokenizer), tokenizer, cfg.model.max_position_embeddings))

@@ -55,9 +55,16 @@ def preflight(cfg: SFTConfig, store: ArtifactStore):
 
 
 def chat_tokenizer(path: Path):
+    """The parent's tokenizer with a chat template whose turns end with the EOS: its own where
+    it has one (an imported model keeps its template; `alignflow import` gave ChatML to one
+    without), else ChatML on the <|im_end|> our own tokenizers reserve."""
     tok = load_tokenizer(path)
     if tok.pad_token is None:
         raise D.DataError(f"{path}: tokenizer has no pad token; batches cannot be padded")
+    if tok.chat_template:
+        if tok.eos_token is None:
+            raise D.DataError(f"{path}: tokenizer has a chat template but no EOS token")
+        return tok
     if D.CHAT_EOS not in tok.get_vocab():
         raise D.DataError(f"{path}: tokenizer lacks {D.CHAT_EOS}; the chat template needs it")
     tok.chat_template = D.CHAT_TEMPLATE
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args = TRLConfig(**E.trainer_args(run, ds_cfg),
                      optim="adamw_bnb_8bit" if cfg.optim_8bit else "adamw_torch",
                      packing=cfg.data.packing, completion_only_loss=cfg.data.completion_only,
-                     eos_token=D.CHAT_EOS, dataset_num_proc=None)
+                     eos_token=tok.eos_token, dataset_num_proc=None)
     peft_config = None
     if cfg.lora.enabled:
         from peft import LoraConfig

@@ -22,6 +22,7 @@ from stages import engine as E
 from stages import plots
 from stages.artifacts import Artifact, ArtifactStore, input_key, try_lock
 from stages.configfile import ConfigError, parse_stage_args, resolved
+from stages.model import model_summary
 from stages.proc import HANDSHAKE
 
 
@@ -208,7 +209,8 @@ def export(run: Run, out: Path, *, metrics: dict, headline: dict, datasets: dict
     art = run.store.put(out, kind="model", stage=run.stage, name=run.name,
                         parents=run.parents + list(extra_parents), config=resolved(run.cfg),
                         input_key=run.key, move=True, datasets=datasets, metrics=metrics,
-                        timings=timings(run), extra={"headline": headline, "perf_log": clock},
+                        timings=timings(run), extra={"headline": headline, "perf_log": clock,
+                                                     "model_facts": model_summary(out)},
                         flow_run_id=run.cfg.run.flow_run_id,
                         command=E.launch_command(run.stage, run.cfg_path, run.overrides,
                                                  run.cfg.deepspeed))
