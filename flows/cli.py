@@ -12,6 +12,7 @@ from pathlib import Path
 from stages import lineage
 from stages.artifacts import ArtifactError, ArtifactStore, default_home, default_store_root
 from stages.config import STAGES
+from stages.configfile import REPO_ROOT as REPO
 from stages.configfile import ConfigError
 from stages.metrics import KEY_METRICS, canonical, headline_of
 from stages.proc import leaked_shm
@@ -160,7 +161,22 @@ def cmd_run(store: ArtifactStore, args) -> int:
     t0 = time.time()
     result = alignment_pipeline(params)
     print(summary(store, result, time.time() - t0))
+    if args.preset == "smollm2":
+        print(fewshot_line(REPO / "bench" / "results" / "fewshot_vs_finetune.json"))
     return 0
+
+
+def fewshot_line(path: Path) -> str:
+    """The seed experiment's last measured result, with where and when it was measured."""
+    if not path.is_file():
+        return "  fine-tuned vs few-shot: not measured yet (python bench/fewshot_vs_finetune.py)"
+    r = json.loads(path.read_text())
+    best_k, best = max(r["fewshot"].items(), key=lambda kv: kv[1]["accuracy"])
+    ft = r["finetuned"]
+    return (f"  fine-tuned vs few-shot ({path.name}, {r['created']}): LoRA-tuned "
+            f"{ft['accuracy']:.3f} [{ft['ci_low']:.3f}, {ft['ci_high']:.3f}] against the base "
+            f"with {best_k} shots {best['accuracy']:.3f} [{best['ci_low']:.3f}, "
+            f"{best['ci_high']:.3f}], n={ft['n']}, on {r['task'].split(' (')[0]}")
 
 
 def cmd_sample(store: ArtifactStore, args) -> int:
@@ -305,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the pipeline flow (embedded Prefect, no server needed)")
     s.add_argument("--explain", action="store_true",
                    help="say per stage whether it would train or reuse, and why; run nothing")
-    s.add_argument("--preset", choices=["demo", "tiny"], default="demo",
-                   help="demo: the CPU demo on the demo corpus; tiny: seconds, for a smoke test")
+    s.add_argument("--preset", choices=["demo", "tiny", "smollm2"], default="demo",
+                   help="demo: the CPU demo on the demo corpus; tiny: seconds, for a smoke "
+                        "test; smollm2: a real pretrained model imported, then sft, rm, ppo")
     s.add_argument("--set", action="append", metavar="STAGE:KEY=VALUE",
                    help="config override for one stage, e.g. pretrain:train.max_steps=50")
     s.add_argument("--force", action="append", metavar="STAGE",

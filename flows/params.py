@@ -44,6 +44,10 @@ class PipelineParams(BaseModel):
     corpus: str | None = Field("datasets_cfg/demo_corpus.yaml", description="Corpus recipe to "
                                "build first (with from_stage pretrain); empty when the mixture "
                                "needs no corpus artifact.")
+    model: str | None = Field(None, description="A pretrained model to import first (an "
+                              "import recipe such as datasets_cfg/smollm2_import.yaml, a .gguf, "
+                              "an HF directory or org/model@rev); with from_stage sft it is "
+                              "SFT's parent.")
     pretrain: StageParams | None = Field(default_factory=lambda: StageParams(
         config="configs/demo/pretrain.yaml"), description="Empty to start from an existing "
         "pretrain artifact (with from_stage sft or later).")
@@ -70,7 +74,14 @@ def _tiny() -> PipelineParams:
                                           for s in STAGES})
 
 
-PRESETS = {"demo": PipelineParams(), "tiny": _tiny()}
+def _smollm2() -> PipelineParams:
+    """A real pretrained model (SmolLM2-135M-Instruct) through sft -> rm -> ppo on a CPU."""
+    return PipelineParams(from_stage="sft", corpus=None, model="datasets_cfg/smollm2_import.yaml",
+                          pretrain=None, **{s: StageParams(config=f"configs/smollm2/{s}.yaml")
+                                            for s in STAGES[1:]})
+
+
+PRESETS = {"demo": PipelineParams(), "tiny": _tiny(), "smollm2": _smollm2()}
 
 
 # --- the typed Run form of each stage deployment -------------------------------------------

@@ -34,6 +34,23 @@ def corpus_task(recipe: str, store: str | None) -> str:
     return digest
 
 
+@task(name="import")
+def import_task(source: str, store: str | None) -> str:
+    """Import (or reuse) a pretrained model: the SFT parent of a pipeline that starts there.
+    In a child process, as every stage: the flow never imports torch."""
+    import sys
+    from flows.launch import run_stage
+    log = get_run_logger()
+    started = now_iso()
+    st = ArtifactStore(store)
+    code, digest = run_stage([sys.executable, "-m", "stages.imports", source,
+                              "--store", st.root], on_line=log.info)
+    if code != 0 or not digest:
+        raise RuntimeError(f"import of {source} failed (exit {code}); its last lines are above")
+    announce(st, digest, started)
+    return digest
+
+
 COMMITTED = "alignflow.artifact.committed"
 
 
@@ -297,7 +314,8 @@ def ppo_flow(params: StageParams = StageParams(config="configs/demo/ppo.yaml"),
 
 @flow(name="alignment-pipeline")
 def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, str]:
-    """corpus -> pretrain -> sft -> rm -> ppo, from `from_stage` on. Unchanged stages are
+    """corpus -> pretrain -> sft -> rm -> ppo (or import -> sft -> ...), from `from_stage` on.
+    Unchanged stages are
     skipped from the artifact store, so a failed run started again resumes at the stage that
     failed (and that stage at its last checkpoint)."""
     validate(params)
@@ -307,8 +325,11 @@ def alignment_pipeline(params: PipelineParams = PipelineParams()) -> dict[str, s
         if params.corpus:
             out["corpus"] = corpus_task(params.corpus, params.store)
         out["pretrain"] = pretrain_flow(params.pretrain, store=params.store)
+    if params.model and run[0] == "sft":
+        out["import"] = import_task(params.model, params.store)
     if "sft" in run:
-        out["sft"] = sft_flow(params.sft, parent=out.get("pretrain"), store=params.store)
+        out["sft"] = sft_flow(params.sft, parent=out.get("pretrain") or out.get("import"),
+                              store=params.store)
     if "rm" in run:
         out["rm"] = rm_flow(params.rm, parent=out.get("sft"), store=params.store)
     if "ppo" in run:

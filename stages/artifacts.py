@@ -589,7 +589,8 @@ class ArtifactStore:
         name, _, ver = ref.partition("@")
         if not NAME.fullmatch(name) or ".." in name:
             # Checked before the name becomes a path: 'a/../../x' must not walk the disk.
-            if os.path.exists(ref):
+            if ref.endswith(".gguf") and os.path.isfile(ref) or any(
+                    os.path.isfile(os.path.join(ref, f)) for f in ("config.json", "tokenizer.json")):
                 # A path would train on bytes no manifest records (and that may change under
                 # a cached run): the import hashes them once and becomes the lineage root.
                 raise NotFound(f"'{ref}' is a path, not an artifact: import it first with "

