@@ -213,6 +213,16 @@ class SFTConfig(StageConfig):
     data: SFTDataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim_8bit: bool = Field(False, description="bitsandbytes 8-bit AdamW (GPU only).")
+    weights_8bit: bool = Field(False, description="Base weights frozen in bitsandbytes 8-bit "
+                               "(LLM.int8), LoRA adapters trained on top: a quarter of the fp32 "
+                               "weight memory (GPU only; needs lora.enabled).")
+
+    @model_validator(mode="after")
+    def _8bit_weights_need_lora(self):
+        if self.weights_8bit and not self.lora.enabled:
+            raise ValueError("weights_8bit=true freezes the base weights in 8 bits: only LoRA "
+                             "adapters can train on them; set lora.enabled=true")
+        return self
 
 
 # --- rm -----------------------------------------------------------------------------------
@@ -250,6 +260,14 @@ class RolloutConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="Must stay 1.0 (see _on_policy).")
     missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a "
                                        "response that never ends, so PPO learns to stop.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="What samples the rollouts. hf: the actor's own generate(). vllm: a "
+        "vLLM engine on the same GPU (colocated), given the actor's weights after every update, "
+        "as TRL and OpenRLHF do; the actor still scores every sampled token, so the PPO ratio "
+        "stays exact (CUDA and the vllm package needed).")
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="vllm: share of GPU memory the "
+                                   "vLLM engine may take (weights and KV cache); the training "
+                                   "engines share the rest.")
 
 
     @model_validator(mode="after")

@@ -105,6 +105,21 @@ def precision(ds: DeepSpeedConfig) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def need_gpu(option: str, package: str | None = None, what: str = "") -> None:
+    """A ConfigError naming `option` unless this machine has a CUDA GPU (and `package`):
+    before any model is loaded, not as a crash inside the library that needs them."""
+    from stages.configfile import ConfigError
+    why = f" ({package} {what})".rstrip() if package else ""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{option} needs a CUDA GPU{why}, and this machine has none; leave "
+                          f"it at its default on the CPU")
+    if package:
+        import importlib.util
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{option} needs the {package} package, which is not installed "
+                              f"here (pip install {package})")
+
+
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig,
                      world: int) -> dict:
     """The template from infra/deepspeed/ with this run's batch, precision and clipping."""

@@ -80,6 +80,8 @@ def preflight(cfg: PPOConfig, store: ArtifactStore):
         raise ConfigError(f"data.max_prompt_length={cfg.data.max_prompt_length} leaves no room "
                           f"for rollout.max_new_tokens={cfg.rollout.max_new_tokens} in "
                           f"{positions} positions (at most {room})")
+    if cfg.rollout.engine == "vllm":
+        E.need_gpu("rollout.engine=vllm", "vllm", "colocated rollouts")
     zero = E.load_deepspeed_template(cfg.deepspeed.template).get("zero_optimization", {})
     if zero.get("stage", 0) == 3:
         raise ConfigError("the actor generates every step: ZeRO-3 would gather parameters per "
@@ -189,6 +191,7 @@ class Models:
     tok: Any
     stats: dict                 # the RM's reward_mean and reward_std, to normalize with
     kl_ctl: L.KLController
+    sampler: Any = None         # rollout.engine=vllm: the VLLMSampler; None: actor.generate()
 
 
 @dataclass
@@ -231,12 +234,15 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     # tokens under the full distribution.
     sampling = {"do_sample": False} if greedy else {
         "do_sample": True, "temperature": cfg.rollout.temperature, "top_k": None, "top_p": 1.0}
-    out = m.actor.module.generate(**enc, max_new_tokens=cfg.rollout.max_new_tokens,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                  **sampling)
-    gen_s = time.time() - t0
     P = enc["input_ids"].shape[1]
-    resp = out[:, P:]
+    if m.sampler is not None:
+        resp = m.sampler.generate(enc, cfg.rollout.max_new_tokens,
+                                  None if greedy else cfg.rollout.temperature, tok)
+    else:
+        resp = m.actor.module.generate(
+            **enc, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, **sampling)[:, P:]
+    gen_s = time.time() - t0
     # Everything after the first EOS is padding; the EOS itself is part of the response.
     is_eos = resp == tok.eos_token_id
     ended = is_eos.any(1)
@@ -499,6 +505,14 @@ def main(argv: list[str] | None = None) -> None:
     # --- models: actor and reference from SFT, reward (and for gae the critic) from the RM --
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     torch.manual_seed(cfg.run.seed)
+    # vLLM first: it reserves its share of the GPU before the training engines take the rest.
+    sampler = None
+    if cfg.rollout.engine == "vllm":
+        from stages.vllm_engine import VLLMSampler
+        sampler = VLLMSampler(actor_art.local_path(), E.precision(cfg.deepspeed).replace(
+            "fp32", "float32").replace("bf16", "bfloat16").replace("fp16", "float16"),
+            cfg.rollout.vllm_gpu_memory, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+            cfg.run.seed + 7919 * (d.rank + 1))
     load = dict(dtype=torch.float32)
     # Frozen engines load straight in the training precision (half the memory on a GPU);
     # trained ones keep fp32 weights for DeepSpeed's master copy.
@@ -515,7 +529,8 @@ def main(argv: list[str] | None = None) -> None:
     reward = engine(AutoModelForSequenceClassification.from_pretrained(
         reward_art.local_path(), **frozen), cfg, d, None, cfg.frozen_offload)
     m = Models(actor, critic, ref, reward, tok, stats,
-               L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon))
+               L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon),
+               sampler)
     # Each rank samples its own responses (same seed on every rank gave correlated draws).
     torch.manual_seed(cfg.run.seed + 7919 * (d.rank + 1))
 
@@ -528,6 +543,8 @@ def main(argv: list[str] | None = None) -> None:
     if client:
         m.kl_ctl.load_state_dict(client["kl"])
         E.log(d, f"resumed from {ckpt} at step {start}")
+        if sampler is not None:
+            sampler.load(actor.module)
     per_rank = cfg.train.global_batch_size // d.world
     if cfg.kl.estimator == "k3" and cfg.kl.placement == "reward":
         E.log(d, "WARNING: kl.estimator=k3 in the reward gives a biased gradient of the KL "
@@ -538,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{len(train_prompts)} prompts, {per_rank} rollouts per rank per step, {d.world} "
              f"rank(s), {cfg.train.max_steps} steps")
     # The baseline is the SFT reference, also when the actor is an earlier PPO model.
-    sft = m if ref_art.digest == actor_art.digest else replace(m, actor=m.ref)
+    sft = m if ref_art.digest == actor_art.digest else replace(m, actor=m.ref, sampler=None)
     baseline = evaluate(sft, eval_prompts, cfg, d) if start == 0 else None
     if baseline and d.main:
         E.log(d, f"SFT on held-out prompts: reward {baseline['rl/reward']:.3f}, gold accuracy "
@@ -562,6 +579,8 @@ def main(argv: list[str] | None = None) -> None:
         train_mode(m, True)
         t_gen = time.time() - t0
         upd = ppo_epochs(m, batch, cfg, rng)
+        if sampler is not None:
+            sampler.load(actor.module)
         mask = batch.mask
         row = mean_all({
             "rollout/reward": batch.raw.mean().item(),

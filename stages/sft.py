@@ -40,9 +40,10 @@ def preflight(cfg: SFTConfig, store: ArtifactStore):
     ds = load_example_set(cfg.data.dataset)
     if ds.kind != "sft":
         raise ConfigError(f"{cfg.data.dataset}: kind is '{ds.kind}', stage sft needs 'sft'")
-    if cfg.optim_8bit and not torch.cuda.is_available():
-        raise ConfigError("optim_8bit=true needs a CUDA GPU (bitsandbytes 8-bit AdamW); set it "
-                          "to false on the CPU")
+    if cfg.optim_8bit:
+        E.need_gpu("optim_8bit=true", "bitsandbytes", "8-bit AdamW")
+    if cfg.weights_8bit:
+        E.need_gpu("weights_8bit=true", "bitsandbytes", "LLM.int8 base weights")
     if cfg.lora.enabled and E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, 1) \
             .get("zero_optimization", {}).get("stage", 0) == 3:
         raise ConfigError("lora.enabled with ZeRO-3 is not supported here: use a zero0-2 template")
@@ -52,6 +53,25 @@ def preflight(cfg: SFTConfig, store: ArtifactStore):
         raise ConfigError(f"data.max_length={cfg.data.max_length} is above the parent's "
                           f"{positions} positions")
     return parent
+
+
+def int8_base(path: Path, d: E.Dist):
+    """The parent with its linear layers in bitsandbytes LLM.int8 (frozen), ready for LoRA."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        device_map={"": d.device.index or 0}, dtype=torch.bfloat16)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def merged_on_full_precision(path: Path, adapter: Path):
+    """The adapter merged into the parent's full-precision weights: merging into int8 ones
+    would round every weight the adapter touches a second time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
 def chat_tokenizer(path: Path):
@@ -119,7 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(parent.local_path(), dtype=torch.float32)
     baseline = evaluate(model, tok, task_eval, kept_eval, cfg) if d.main else None
     ds_cfg = E.deepspeed_config(cfg.deepspeed, cfg.train, cfg.optim, d.world)
-    args = TRLConfig(**E.trainer_args(run, ds_cfg),
+    hf_args = E.trainer_args(run, ds_cfg)
+    if cfg.weights_8bit:
+        model = int8_base(parent.local_path(), d)
+        # DeepSpeed casts and partitions every parameter it is given, int8 ones included; the
+        # HF Trainer's own (DDP) path leaves a quantized base alone, as QLoRA recipes run.
+        hf_args["deepspeed"] = None
+    args = TRLConfig(**hf_args,
                      optim="adamw_bnb_8bit" if cfg.optim_8bit else "adamw_torch",
                      packing=cfg.data.packing, completion_only_loss=cfg.data.completion_only,
                      eos_token=tok.eos_token, dataset_num_proc=None)
@@ -144,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     export = run.work / "export"
     if cfg.lora.enabled:
         trainer.model.save_pretrained(adapter)   # the adapter weights alone
-        merged = trainer.model.merge_and_unload()
+        merged = (merged_on_full_precision(parent.local_path(), adapter) if cfg.weights_8bit
+                  else trainer.model.merge_and_unload())
         if d.main:
             merged.save_pretrained(export, safe_serialization=True)
     else:

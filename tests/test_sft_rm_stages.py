@@ -115,11 +115,15 @@ def run_module(root: Path, stage: str, *overrides):
     ("sft", "parent=tiny-rm", "is a LlamaForSequenceClassification; needs a ...ForCausalLM"),
     ("sft", "data.dataset=datasets_cfg/tiny_rm.yaml", "kind is 'preference', stage sft needs 'sft'"),
     ("sft", "optim_8bit=true", "optim_8bit=true needs a CUDA GPU"),
+    ("sft", "weights_8bit=true", "only LoRA adapters can train on them; set lora.enabled=true"),
+    ("sft", "weights_8bit=true lora.enabled=true", "weights_8bit=true needs a CUDA GPU"),
+    ("rm", "deepspeed.precision=bf16", "deepspeed.precision=bf16 needs a CUDA GPU"),
+    ("ppo", "rollout.engine=vllm", "rollout.engine=vllm needs a CUDA GPU"),
     ("sft", "data.max_length=4096", "above the parent's 128 positions"),
 ])
 def test_bad_input_fails_before_training(chain, stage, override, message):
     root = chain[0]
-    out = run_module(root, stage, override)
+    out = run_module(root, stage, *override.split())
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
 
 
