@@ -67,8 +67,8 @@ def main() -> None:
               "measured_steps": len(rows), "step_s_median": med("perf/step_s"),
               "rollout_tokens_per_s_median": med("perf/gen_tokens_per_s"),
               "train_tokens_per_s_median": med("perf/train_tokens_per_s"),
-              "generation_share_median": med("generation_share"),
-              "response_length_median": med("response_length"), "wall_s": wall,
+              "generation_share_median": med("perf/generation_share"),
+              "response_length_median": med("rollout/response_length"), "wall_s": wall,
               "machine": machine_info(), "artifact": digest,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(f"\nppo throughput ({args.config}, {len(rows)} steps measured, "

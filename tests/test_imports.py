@@ -114,6 +114,82 @@ def test_a_pickled_checkpoint_is_stored_as_safetensors(store, tmp_path):
     assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], want)
 
 
+def write_gguf(model, tok_dir, path):
+    """`model` as llama.cpp's converter writes a LLaMA: its tensor names, q/k rows permuted for
+    its rotary layout, the byte-level BPE vocabulary and merges as tokenizer.ggml.*."""
+    import gguf
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_license("apache-2.0")
+    t = json.loads((tok_dir / "tokenizer.json").read_text())
+    vocab = sorted(t["model"]["vocab"].items(), key=lambda kv: kv[1])
+    added = {a["id"]: a["content"] for a in t["added_tokens"]}
+    tokens = [added.get(i, tok) for tok, i in vocab]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in added else 1 for i in range(len(tokens))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in t["model"]["merges"]])
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_eos_token_id(tokens.index("<|endoftext|>"))
+
+    def permute(x, heads):
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2) \
+            .reshape(x.shape)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf, ours in names.items():
+            x = sd[f"model.layers.{i}.{hf}.weight"]
+            if ours == "attn_q":
+                x = permute(x, cfg.num_attention_heads)
+            elif ours == "attn_k":
+                x = permute(x, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{ours}.weight", x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_written_by_the_gguf_package_imports_as_the_same_model(store, tmp_path):
+    model = base_model(tmp_path / "hf")
+    write_gguf(model, tmp_path / "hf", tmp_path / "tiny.gguf")
+    art = import_model(str(tmp_path / "tiny.gguf"), "from-gguf", store)
+    m = art.manifest
+    assert m["source"]["kind"] == "gguf" and m["model_facts"]["architecture"] == "LlamaForCausalLM"
+    assert [s["name"] for s in m["sources"]] == ["tiny.gguf"]
+    assert m["source"]["license"] == "apache-2.0"   # general.license of the file
+    # The dequantized copy computes what the model written into the file computes.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    got = AutoModelForCausalLM.from_pretrained(art.local_path())
+    tok = AutoTokenizer.from_pretrained(art.local_path())
+    ids = tok("the quick brown fox", return_tensors="pt").input_ids
+    assert ids.shape[1] > 1 and ids.max() < model.config.vocab_size
+    with torch.no_grad():
+        want = model(ids).logits
+        have = got(ids).logits[..., :want.shape[-1]]
+    assert torch.allclose(want, have, atol=1e-4), (want - have).abs().max()
+    # The same file again: the same digest.
+    assert import_model(str(tmp_path / "tiny.gguf"), "from-gguf", store).digest == art.digest
+
+
 def test_a_bare_directory_as_a_reference_says_to_import_it(store, tmp_path):
     base_model(tmp_path / "base")
     with pytest.raises(NotFound, match="alignflow import .*base --name NAME"):
