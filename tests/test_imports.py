@@ -239,6 +239,31 @@ def test_a_hub_id_offline_is_one_clear_line(tmp_path, monkeypatch):
         import_model("HuggingFaceTB/SmolLM2-135M", "x", ArtifactStore(tmp_path / "s"))
 
 
+def test_a_hub_id_is_pinned_to_its_commit(store, tmp_path, monkeypatch):
+    """The Hub path without the network: huggingface_hub's two calls answered from a local
+    snapshot. What is recorded is the commit the revision resolved to, and the card's license."""
+    import huggingface_hub
+    from types import SimpleNamespace
+    base_model(tmp_path / "snapshot")
+    asked = {}
+
+    def model_info(self, repo, revision=None):
+        asked["info"] = (repo, revision)
+        return SimpleNamespace(sha="c0ffee" * 6 + "abcd", card_data={"license": "apache-2.0"})
+
+    def snapshot_download(repo, revision=None, allow_patterns=None):
+        asked["download"] = (repo, revision)
+        return str(tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    art = import_model("org/tiny@v1", "hub-tiny", store)
+    src = art.manifest["source"]
+    assert asked == {"info": ("org/tiny", "v1"), "download": ("org/tiny", "c0ffee" * 6 + "abcd")}
+    assert (src["kind"], src["id"], src["revision"], src["commit"], src["license"]) == \
+        ("hub", "org/tiny", "v1", "c0ffee" * 6 + "abcd", "apache-2.0")
+    assert {s["name"] for s in art.manifest["sources"]} >= {"model.safetensors", "config.json"}
+
+
 def test_the_shipped_recipe_is_valid():
     from stages.configfile import load_config
     from stages.imports import ImportRecipe
