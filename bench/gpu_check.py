@@ -127,13 +127,11 @@ class Check:
 
     def manifest(self, name: str) -> dict:
         from stages.artifacts import ArtifactStore
-        art = ArtifactStore(self.store).get(name)
-        return {"digest": art.digest, "headline": art.manifest.get("headline"),
-                "timings": art.manifest.get("timings")}
+        return {"digest": (art := ArtifactStore(self.store).get(name)).digest, **art.manifest}
 
-    def metrics_of(self, name: str) -> dict:
-        from stages.artifacts import ArtifactStore
-        return ArtifactStore(self.store).get(name).manifest.get("metrics", {})
+    def summary(self, name: str) -> dict:
+        m = self.manifest(name)
+        return {"digest": m["digest"], "headline": m.get("headline"), "timings": m.get("timings")}
 
     def save(self) -> Path:
         from common import save
@@ -179,7 +177,7 @@ def step_pipeline(c: Check) -> dict:
     if out.returncode != 0:
         raise StepFailed(f"alignflow run --preset tiny exited {out.returncode}:\n"
                          f"{(out.stdout + out.stderr)[-3000:]}")
-    return {"status": "ok", "stages": {s: c.manifest(f"tiny-{s}") for s in
+    return {"status": "ok", "stages": {s: c.summary(f"tiny-{s}") for s in
                                        ("pretrain", "sft", "rm", "ppo")}}
 
 
@@ -189,24 +187,17 @@ def step_base(c: Check) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
     from stages.artifacts import ArtifactStore
-    if c.dry:
-        tok_dir = ArtifactStore(c.store).get("tiny-pretrain").local_path()
-        from stages.model import PRESETS
-        s = PRESETS["tiny"]
-        shape = dict(hidden_size=s.hidden, num_hidden_layers=s.layers,
-                     num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                     intermediate_size=s.intermediate, max_position_embeddings=s.max_positions,
-                     tie_word_embeddings=True)
-    else:
-        tok_dir = BUNDLE / "tokenizer"
-        if not (tok_dir / "tokenizer.json").is_file():
-            raise StepFailed(f"{tok_dir}: no tokenizer; run `bench/gpu_check.py --bundle` on "
-                             f"the development machine and carry .gpu")
-        shape = SMOLLM2_SHAPE
+    from stages.model import llama_config
+    tok_dir = ArtifactStore(c.store).get("tiny-pretrain").local_path() if c.dry \
+        else BUNDLE / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise StepFailed(f"{tok_dir}: no tokenizer; run `bench/gpu_check.py --bundle` on the "
+                         f"development machine and carry .gpu")
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **shape)
+    config = llama_config("tiny", len(tok), tok) if c.dry else LlamaConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **SMOLLM2_SHAPE)
     model = AutoModelForCausalLM.from_config(config)
     src = c.home / "base-model"
     model.save_pretrained(src, safe_serialization=True)
@@ -244,7 +235,7 @@ def step_pretrain(c: Check) -> dict:
             "tokens_per_s": median_after(rows, "perf/tokens_per_s", skip),
             "step_s": median_after(rows, "perf/step_s", skip),
             "mfu": median_after(rows, "perf/mfu", skip),
-            "params": c.metrics_of(name).get("model/params")}
+            "params": c.manifest(name).get("metrics", {}).get("model/params")}
     c.result["mfu"] = {z: r["mfu"] for z, r in out["runs"].items()}
     return {"status": "ok", **out}
 
@@ -258,9 +249,8 @@ def timed_stage(c: Check, stage: str, name: str, overrides: list[str],
         raise StepFailed(f"{stage} {name} exited {code}: {lines[-20:]}")
     m = c.manifest(name)
     train_s = (m.get("timings") or {}).get("train_s")
-    steps = next((int(o.split("=")[1]) for o in reversed(c.sizes(stage) + overrides)
-                  if o.startswith("train.max_steps=")), None)
-    return {"status": "ok", **m, "step_s": train_s / steps if train_s and steps else None}
+    steps = m["config"]["train"]["max_steps"]       # as the stage resolved it
+    return {"status": "ok", **c.summary(name), "step_s": train_s / steps if train_s else None}
 
 
 def step_sft(c: Check) -> dict:

@@ -100,9 +100,13 @@ def seed_all(seed: int) -> None:
 
 
 def precision(ds: DeepSpeedConfig) -> str:
-    if ds.precision != "auto":
-        return ds.precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    """The precision this run trains in; bf16/fp16 asked for on a machine without a GPU is a
+    ConfigError naming the setting."""
+    if ds.precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if ds.precision != "fp32":
+        need_gpu(f"deepspeed.precision={ds.precision}")
+    return ds.precision
 
 
 def need_gpu(option: str, package: str | None = None, what: str = "") -> None:
@@ -126,8 +130,6 @@ def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig
     cfg = load_deepspeed_template(ds.template)
     accum = train.global_batch_size // (train.micro_batch_size * world)
     prec = precision(ds)
-    if prec != "fp32" and not torch.cuda.is_available():
-        raise ValueError(f"deepspeed.precision={prec} needs a GPU; use fp32 or auto on CPU")
     cfg.update(train_micro_batch_size_per_gpu=train.micro_batch_size,
                gradient_accumulation_steps=accum, train_batch_size=train.global_batch_size,
                gradient_clipping=optim.grad_clip, bf16={"enabled": prec == "bf16"},

@@ -505,19 +505,19 @@ def main(argv: list[str] | None = None) -> None:
     # --- models: actor and reference from SFT, reward (and for gae the critic) from the RM --
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     torch.manual_seed(cfg.run.seed)
+    train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        E.precision(cfg.deepspeed), torch.float32)
     # vLLM first: it reserves its share of the GPU before the training engines take the rest.
     sampler = None
     if cfg.rollout.engine == "vllm":
         from stages.vllm_engine import VLLMSampler
-        sampler = VLLMSampler(actor_art.local_path(), E.precision(cfg.deepspeed).replace(
-            "fp32", "float32").replace("bf16", "bfloat16").replace("fp16", "float16"),
-            cfg.rollout.vllm_gpu_memory, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-            cfg.run.seed + 7919 * (d.rank + 1))
+        sampler = VLLMSampler(actor_art.local_path(), train_dtype, cfg.rollout.vllm_gpu_memory,
+                              cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                              cfg.run.seed + 7919 * (d.rank + 1))
     load = dict(dtype=torch.float32)
     # Frozen engines load straight in the training precision (half the memory on a GPU);
     # trained ones keep fp32 weights for DeepSpeed's master copy.
-    frozen = dict(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        E.precision(cfg.deepspeed), torch.float32))
+    frozen = dict(dtype=train_dtype)
     actor = engine(AutoModelForCausalLM.from_pretrained(actor_art.local_path(), **load),
                    cfg, d, cfg.optim.lr)
     stats = json.loads((reward_art.local_path() / "reward_stats.json").read_text())

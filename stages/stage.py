@@ -58,8 +58,7 @@ def setup(schema, stage: str, argv: list[str] | None, preflight) -> tuple[Run, A
     cfg, path, overrides = parse_stage_args(schema, sys.argv[1:] if argv is None else argv)
     run = Run(stage, cfg, path, overrides, ArtifactStore(cfg.run.store))
     run.store.check_writable()
-    if cfg.deepspeed.precision in ("bf16", "fp16"):
-        E.need_gpu(f"deepspeed.precision={cfg.deepspeed.precision}")
+    E.precision(cfg.deepspeed)      # bf16/fp16 without a GPU: refused before preflight
     checked = preflight(cfg, run.store)
     run.d = E.init_distributed()
     if run.d.world != cfg.deepspeed.world_size:

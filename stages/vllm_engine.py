@@ -16,7 +16,7 @@ import torch
 
 
 class VLLMSampler:
-    def __init__(self, path, dtype: str, gpu_memory: float, max_len: int, seed: int):
+    def __init__(self, path, dtype: torch.dtype, gpu_memory: float, max_len: int, seed: int):
         # In-process engine (no V1 worker process): its weights live in this process, where
         # load_weights can overwrite them without a copy through shared memory.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
