@@ -169,7 +169,7 @@ def code_fingerprint(key_kind: str, root: Path = STAGES_DIR) -> str:
 
 # Fields that say where a run happens, not what it computes: they never bust the cache.
 _NOT_INPUTS = (("run", "store"), ("run", "work_dir"), ("run", "log_every"), ("run", "force"),
-               ("run", "flow_run_id"),
+               ("run", "flow_run_id"), ("data", "workers"), ("data", "executor"),
                ("deepspeed", "master_port"), ("deepspeed", "hostfile"))
 
 

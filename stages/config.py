@@ -156,6 +156,16 @@ class PretrainDataConfig(Strict):
     total_tokens: int = Field(2_000_000, gt=0, description="Tokens drawn from the mixture "
                               "for training; the per-domain split follows the weights.")
     val_tokens_per_domain: int = Field(16_384, gt=0, description="Held-out tokens per domain.")
+    shard_tokens: int = Field(4_194_304, gt=0, description="Tokens per training shard (.npy "
+                              "of packed rows, memory-mapped by every rank); the build holds one "
+                              "shard in memory at a time.")
+    token_dtype: Literal["auto", "uint16", "uint32"] = Field(
+        "auto", description="Stored token ids: auto takes uint16 when the vocabulary fits.")
+    workers: int = Field(0, ge=0, description="Tokenizer processes (datatrove tasks at a time); "
+                         "0: one per CPU core. The dataset is the same for any count.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="datatrove executor for tokenization: local processes, or a Ray "
+        "cluster (RAY_ADDRESS; the work directory must be on a filesystem every node mounts).")
 
 
 class PretrainConfig(StageConfig):

@@ -81,30 +81,35 @@ def _hub_texts(ds, src: SourceConfig) -> Iterator[str]:
 
 
 def _read_file(f: Path, src: SourceConfig) -> Iterator[str]:
+    return read_file(f, src.text_field, src.domain)
+
+
+def read_file(f: Path, text_field: str, domain: str) -> Iterator[str]:
+    """The texts of one .txt, .jsonl or .parquet file; errors name the file (and line)."""
     if f.suffix == ".txt":
         text = read_text(f)
         if text.strip():
             yield text
     elif f.suffix == ".jsonl":
         for at, row in read_jsonl(f):
-            if src.text_field not in row:
-                raise DataError(f"{at}: no field '{src.text_field}' (source {src.domain}); "
+            if text_field not in row:
+                raise DataError(f"{at}: no field '{text_field}' (source {domain}); "
                                 f"fields: {', '.join(row)}")
-            if text := text_value(row, src.text_field, at):
+            if text := text_value(row, text_field, at):
                 yield text
     else:
         try:
             table = pq.read_table(f)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{f}: not a readable parquet file ({e})") from None
-        if src.text_field not in table.column_names:
-            raise DataError(f"{f}: no column '{src.text_field}' (source {src.domain}); "
+        if text_field not in table.column_names:
+            raise DataError(f"{f}: no column '{text_field}' (source {domain}); "
                             f"columns: {', '.join(table.column_names)}")
-        if not pa.types.is_string(t := table.schema.field(src.text_field).type) and \
+        if not pa.types.is_string(t := table.schema.field(text_field).type) and \
                 not pa.types.is_large_string(t):
-            raise DataError(f"{f}: column '{src.text_field}' must be text, its type is {t} "
-                            f"(source {src.domain})")
-        yield from (t for t in table.column(src.text_field).to_pylist() if t)
+            raise DataError(f"{f}: column '{text_field}' must be text, its type is {t} "
+                            f"(source {domain})")
+        yield from (t for t in table.column(text_field).to_pylist() if t)
 
 
 # --- tokenizer ----------------------------------------------------------------------------
@@ -134,65 +139,74 @@ def check_tokenizer(tok, where: str) -> None:
         raise DataError(f"{where}: tokenizer has no EOS token; packing needs one")
 
 
-# --- sampling and packing -----------------------------------------------------------------
+# --- sampling ------------------------------------------------------------------------------
 
 @dataclass
-class DomainSample:
+class Plan:
+    """Which documents of one source go where: validation documents whole, training pieces as
+    (document, tokens) with the last piece cut at the target. Indices and lengths only."""
     domain: str
-    train: list[np.ndarray] = field(default_factory=list)   # token arrays, EOS appended
-    val: list[np.ndarray] = field(default_factory=list)
-    documents: int = 0
-    epochs: float | None = None   # passes over the source; None when it was not read to the end
+    val: np.ndarray
+    train_docs: np.ndarray
+    train_lens: np.ndarray
+    documents: int
+    epochs: float | None   # passes over the source; None when it was not read to the end
 
 
-def sample_source(src: SourceConfig, docs: Iterator[str], tok, target: int, val_tokens: int,
-                  seed: int) -> DomainSample:
+def sample_plan(src: SourceConfig, lens: np.ndarray, order: np.ndarray, target: int,
+                val_tokens: int, seed: int, exhausted: bool = True) -> Plan:
     """Hold out val_tokens, then draw `target` training tokens, repeating up to max_epochs.
 
-    `docs` is consumed lazily in shuffled order and only as far as needed, so a large local
-    source or an endless hub stream costs only the tokens actually used.
-    """
-    out = DomainSample(src.domain)
-    held, pool, taken, exhausted = 0, [], 0, True
-    for chunk in _batched(docs, 256):
-        for ids in _encode(tok, chunk):
-            if held < val_tokens:
-                out.val.append(ids)
-                held += len(ids)
-                continue
-            piece = ids[: target - taken]   # the last document is cut at the target
-            pool.append(ids)
-            out.train.append(piece)
-            out.documents += 1
-            taken += len(piece)
-            if taken >= target:
-                break
-        if taken >= target:
-            exhausted = False
-            break
-    if not out.val and not pool:
-        raise DataError(f"source {src.domain} ({_source_name(src)}): no documents")
-    available = sum(len(a) for a in pool)
+    `lens` are the token counts of the source's documents (EOS included), `order` the order to
+    take them in (a seeded shuffle). A short source is repeated, each pass in a fresh order, as
+    LLaMA repeated books and Wikipedia. `exhausted` says `lens` is the whole source (a hub
+    stream stops once it has the tokens it needs)."""
+    name = f"source {src.domain} ({_source_name(src)})"
+    if not len(order):
+        raise DataError(f"{name}: no documents")
+    seen = np.cumsum(lens[order]) - lens[order]
+    n_val = int(np.searchsorted(seen, val_tokens, side="left"))   # docs begun before the quota
+    val, pool = order[:n_val], order[n_val:]
+    available = int(lens[pool].sum())
     if exhausted and available * src.max_epochs < target:
         raise DataError(
-            f"source {src.domain} ({_source_name(src)}): needs {target:,} training tokens but "
-            f"has {available:,} after holding out {held:,} for validation; x max_epochs "
-            f"{src.max_epochs} = {int(available * src.max_epochs):,}. Raise max_epochs, add "
-            f"data or lower data.total_tokens")
-    epoch = 1
-    while taken < target:   # a short source is repeated, each pass in a new order
-        perm = list(range(len(pool)))
-        random.Random(f"{seed}:{src.domain}:epoch{epoch}").shuffle(perm)
-        for i in perm:
-            piece = pool[i][: target - taken]
-            out.train.append(piece)
-            out.documents += 1
-            taken += len(piece)
-            if taken >= target:
-                break
+            f"{name}: needs {target:,} training tokens but has {available:,} after holding out "
+            f"{int(lens[val].sum()):,} for validation; x max_epochs {src.max_epochs} = "
+            f"{int(available * src.max_epochs):,}. Raise max_epochs, add data or lower "
+            f"data.total_tokens")
+    docs, cuts, taken, epoch = [], [], 0, 0
+    while taken < target and len(pool):
+        perm = pool if epoch == 0 else \
+            pool[np.random.default_rng([seed, epoch, _key(src.domain)]).permutation(len(pool))]
+        csum = np.cumsum(lens[perm])
+        k = int(np.searchsorted(csum, target - taken, side="left")) + 1   # docs this pass
+        k = min(k, len(perm))
+        piece = lens[perm[:k]].copy()
+        if taken + int(csum[k - 1]) > target:
+            piece[-1] -= taken + int(csum[k - 1]) - target
+        docs.append(perm[:k])
+        cuts.append(piece)
+        taken += int(piece.sum())
         epoch += 1
-    out.epochs = round(taken / available, 3) if exhausted and available else None
-    return out
+    train_docs = np.concatenate(docs) if docs else np.zeros(0, np.int64)
+    return Plan(src.domain, val, train_docs, np.concatenate(cuts) if cuts else train_docs,
+                len(train_docs), round(taken / available, 3) if exhausted and available else None)
+
+
+def _key(text: str) -> int:
+    """A stable integer from text, for seeding numpy (hash() changes per process)."""
+    import zlib
+    return zlib.crc32(text.encode())
+
+
+def source_order(n: int, seed: int, src: SourceConfig) -> np.ndarray:
+    """The seeded order a local source's documents are drawn in."""
+    return np.random.default_rng([seed, _key(f"{src.domain}:{_source_name(src)}")]).permutation(n)
+
+
+def pack_order(n: int, seed: int) -> np.ndarray:
+    """Documents of all domains are shuffled together before they are cut into rows."""
+    return np.random.default_rng([seed, _key("pack")]).permutation(n)
 
 
 def shuffled(docs: list[str], seed: int, key: str) -> Iterator[str]:
@@ -210,47 +224,3 @@ def _batched(it: Iterator[str], n: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-
-
-def _encode(tok, texts: list[str]) -> list[np.ndarray]:
-    eos = tok.eos_token_id
-    enc = tok(texts, add_special_tokens=False)["input_ids"]
-    return [np.asarray(e + [eos], dtype=np.int32) for e in enc]
-
-
-def pack(pieces: list[tuple[str, np.ndarray]], seq_len: int, seed: int) \
-        -> tuple[np.ndarray, dict[str, int]]:
-    """Shuffle documents of all domains together, concatenate, cut into [rows, seq_len].
-
-    Returns the rows and the tokens per domain that landed in them (the tail that does not fill
-    a row is dropped, at most seq_len - 1 tokens).
-    """
-    order = list(range(len(pieces)))
-    random.Random(f"{seed}:pack").shuffle(order)
-    stream = np.concatenate([pieces[i][1] for i in order]) if pieces else np.zeros(0, np.int32)
-    owner = np.concatenate([np.full(len(pieces[i][1]), i, np.int32) for i in order]) \
-        if pieces else np.zeros(0, np.int32)
-    rows = len(stream) // seq_len
-    if rows == 0:
-        raise DataError(f"only {len(stream)} tokens: not one row of seq_len {seq_len}")
-    kept = owner[: rows * seq_len]
-    counts = np.bincount(kept, minlength=len(pieces))
-    per_domain: dict[str, int] = {}
-    for i, (domain, _) in enumerate(pieces):
-        per_domain[domain] = per_domain.get(domain, 0) + int(counts[i])
-    return stream[: rows * seq_len].reshape(rows, seq_len), per_domain
-
-
-def write_rows(path: Path, rows: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seq_len = rows.shape[1]
-    flat = pa.array(rows.reshape(-1), type=pa.int32())
-    col = pa.FixedSizeListArray.from_arrays(flat, seq_len)
-    pq.write_table(pa.table({"input_ids": col}), path, compression="zstd")
-
-
-def read_rows(path: Path) -> np.ndarray:
-    col = pq.read_table(path, columns=["input_ids"]).column("input_ids").combine_chunks()
-    seq_len = col.type.list_size
-    # a writable copy: torch refuses to wrap read-only Arrow buffers without a warning
-    return np.array(col.flatten().to_numpy(zero_copy_only=False).reshape(-1, seq_len))

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from stages import data as D
 from stages import engine as E
 from stages import metrics as M
 from stages import stage as S
+from stages import tokens as T
 from stages.artifacts import ArtifactStore, build_once, input_key, json_digest, sha256_file
 from stages.config import PretrainConfig
 from stages.configfile import ConfigError
@@ -132,6 +136,7 @@ def get_dataset(cfg: PretrainConfig, mixture, fps, tok, tok_digest, store) -> st
     spec = {"mixture": mixture.model_dump(mode="json"), "sources": fps,
             "seq_len": cfg.data.seq_len, "total_tokens": cfg.data.total_tokens,
             "val_tokens_per_domain": cfg.data.val_tokens_per_domain, "seed": cfg.run.seed,
+            "shard_tokens": cfg.data.shard_tokens, "token_dtype": cfg.data.token_dtype,
             "tokenizer": tok_digest or tok.name_or_path}
     parents = corpus_parents(mixture, store)
     if tok_digest:
@@ -140,55 +145,149 @@ def get_dataset(cfg: PretrainConfig, mixture, fps, tok, tok_digest, store) -> st
 
     def build(out: Path):
         t0 = time.time()
-        stats = build_dataset(cfg, mixture, tok, store, out)
+        stats = build_dataset(cfg, mixture, tok, store, out, tok_digest)
         return store.put(out, kind="dataset", stage="pretrain", name=f"{cfg.run.name}-data",
                          parents=parents, config=spec, input_key=key, move=True,
                          metrics={"data/rows": stats["rows"], "data/tokens": stats["tokens"],
                                   "data/unigram_loss": stats["unigram_val_loss"]},
-                         timings={"build_s": time.time() - t0},
+                         timings={"build_s": time.time() - t0, **stats.pop("timings")},
                          extra={"mixture_stats": stats, "sources": source_entries(mixture, fps)})
     return build_once(store, "dataset", key, build).digest
 
 
-def build_dataset(cfg: PretrainConfig, mixture, tok, store, out: Path) -> dict:
+UNIT_BYTES = 4 << 20   # a tokenizer task's share of a large JSON-lines file
+
+
+def tokenize_sources(cfg: PretrainConfig, mixture, tok, store, work: Path, targets) \
+        -> list[tuple[T.SourceTokens, bool]]:
+    """Every source as token files: local ones by datatrove's executor over work units, hub
+    streams on this process up to the tokens they must give. (tokens, exhausted) per source."""
+    if not hasattr(tok, "backend_tokenizer"):
+        raise D.DataError(f"tokenizer {tok.name_or_path}: a fast (Rust) tokenizer is needed "
+                          f"to tokenize in parallel")
+    tok.backend_tokenizer.save(str(work / "tokenizer.json"))
+    units = []
+    for i, src in enumerate(mixture.sources):
+        if src.type != "hub":
+            units += T.file_units(i, D.source_files(src, store), src.text_field, src.domain,
+                                  UNIT_BYTES)
+    units.sort(key=lambda u: -u.size)   # the longest tasks first keeps every worker busy
+    files = T.tokenize_units(units, work / "tokenizer.json", tok.eos_token, work,
+                             cfg.data.workers or os.cpu_count() or 1, cfg.data.executor) \
+        if units else []
+    out = []
+    for i, src in enumerate(mixture.sources):
+        if src.type == "hub":
+            path = work / f"stream-{i}.ds"
+            val, target = targets[i]
+            ended = T.write_stream(D.source_documents(src, cfg.run.seed, store), tok, path,
+                                   val, target)
+            out.append((T.SourceTokens([T.TokenFile(path)]), ended))
+            continue
+        mine = sorted((u.path, u.start, k) for k, u in enumerate(units) if u.source == i)
+        out.append((T.SourceTokens([files[k] for _, _, k in mine]), True))
+    return out
+
+
+def build_dataset(cfg: PretrainConfig, mixture, tok, store, out: Path,
+                  tokenizer_id: str | None = None) -> dict:
+    """Tokenize (in parallel), sample by weight on document lengths, pack into shards."""
     D.check_tokenizer(tok, "pretrain tokenizer")
+    dtype = T.token_dtype(len(tok), cfg.data.token_dtype)
     total_w = sum(s.weight for s in mixture.sources)
     dom_w = mixture.domain_weights()
-    pieces, val, sampled = [], {}, {}
+    targets = []
     for src in mixture.sources:
         share = src.weight / total_w
-        target = round(share * cfg.data.total_tokens)
-        val_tokens = round(cfg.data.val_tokens_per_domain * share / dom_w[src.domain])
-        s = D.sample_source(src, D.source_documents(src, cfg.run.seed, store), tok, target,
-                            val_tokens, cfg.run.seed)
-        pieces += [(src.domain, a) for a in s.train]
-        val.setdefault(src.domain, []).extend(s.val)
-        sampled[f"{src.domain}:{D._source_name(src)}"] = {"documents": s.documents,
-                                                          "epochs": s.epochs}
-    rows, per_domain = D.pack(pieces, cfg.data.seq_len, cfg.run.seed)
-    tokens = int(rows.size)
+        targets.append((round(cfg.data.val_tokens_per_domain * share / dom_w[src.domain]),
+                        round(share * cfg.data.total_tokens)))
+    work = Path(tempfile.mkdtemp(prefix=f"{out.name}.tokenize-", dir=out.parent))
+    sources = []
+    try:
+        t0 = time.time()
+        sources = tokenize_sources(cfg, mixture, tok, store, work, targets)
+        t1 = time.time()
+        plans = []
+        for src, (toks, ended), (val_tokens, target) in zip(mixture.sources, sources, targets):
+            order = np.arange(len(toks.lens)) if src.type == "hub" else \
+                D.source_order(len(toks.lens), cfg.run.seed, src)
+            plans.append(D.sample_plan(src, toks.lens, order, target, val_tokens, cfg.run.seed,
+                                       exhausted=ended))
+        stats = pack_dataset(cfg, mixture, tok, sources, plans, dtype, out)
+        stats["timings"] = {"tokenize_s": round(t1 - t0, 3), "pack_s": round(time.time() - t1, 3),
+                            "workers": cfg.data.workers or os.cpu_count() or 1}
+    finally:
+        for toks, _ in sources:
+            toks.close()
+        shutil.rmtree(work, ignore_errors=True)
+    index = {"format": T.FORMAT, "dtype": dtype.name, "seq_len": cfg.data.seq_len,
+             "rows": stats["rows"], "tokens": stats["tokens"], "vocab_size": len(tok),
+             "max_token_id": stats.pop("max_token_id"),
+             "tokenizer": tokenizer_id or tok.name_or_path,
+             "shards": stats.pop("shards"), "val": stats.pop("val")}
+    (out / T.INDEX).write_text(json.dumps(index, indent=1))
+    stats["shards"] = [{"file": s["file"], "rows": s["rows"], "sha256": s["sha256"]}
+                       for s in index["shards"]]
+    timings = stats.pop("timings")
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    return {**stats, "timings": timings}
+
+
+def pack_dataset(cfg: PretrainConfig, mixture, tok, sources, plans, dtype, out: Path) -> dict:
+    """Training pieces of every source shuffled together into shards; validation per domain."""
+    dom_w = mixture.domain_weights()
+    writer = T.ShardWriter(out, cfg.data.seq_len, max(1, cfg.data.shard_tokens // cfg.data.seq_len),
+                           dtype, len(tok))
+    src_of = np.concatenate([np.full(len(p.train_docs), i, np.int32) for i, p in enumerate(plans)])
+    at = np.concatenate([np.arange(len(p.train_docs)) for p in plans])
+    for j in D.pack_order(len(src_of), cfg.run.seed):
+        i, k = int(src_of[j]), int(at[j])
+        writer.add(sources[i][0].read(int(plans[i].train_docs[k]), int(plans[i].train_lens[k])),
+                   plans[i].domain)
+    shards = writer.close()
+    rows = sum(s["rows"] for s in shards)
+    if rows == 0:
+        raise D.DataError(f"only {cfg.data.total_tokens} tokens: not one row of seq_len "
+                          f"{cfg.data.seq_len}")
+    tokens = rows * cfg.data.seq_len
+    per_domain: dict[str, int] = {}
+    for s in shards:
+        for d, n in s["tokens_per_domain"].items():
+            per_domain[d] = per_domain.get(d, 0) + n
     realized = {d: per_domain.get(d, 0) / tokens for d in dom_w}
     for d, w in dom_w.items():
         if abs(realized[d] - w) > 0.02:
             raise D.DataError(f"domain {d}: realized {realized[d]:.3f} of tokens against weight "
                               f"{w:.3f}; more than 2 points off (total_tokens too small for "
                               f"seq_len?)")
-    D.write_rows(out / "train.parquet", rows)
-    val_tokens_seen = []
-    for domain, arrays in sorted(val.items()):
-        vrows, _ = D.pack([(domain, a) for a in arrays], cfg.data.seq_len, cfg.run.seed)
-        D.write_rows(out / "val" / f"{domain}.parquet", vrows)
-        val_tokens_seen.append(vrows.reshape(-1))
-    counts = np.bincount(rows.reshape(-1), minlength=len(tok)).astype(np.float64) + 1.0
-    probs = counts / counts.sum()
-    val_all = np.concatenate(val_tokens_seen)
-    stats = {"rows": int(rows.shape[0]), "seq_len": cfg.data.seq_len, "tokens": tokens,
-             "tokens_per_domain": per_domain, "weights": dom_w, "realized": realized,
-             "sources": sampled, "val_rows": {d: int(len(a)) for d, a in val.items()},
-             # the loss of a model that knows only token frequencies: what pretraining must beat
-             "unigram_val_loss": float(-np.log(probs[val_all]).mean())}
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    return stats
+    val, val_ids = {}, []
+    (out / "val").mkdir(exist_ok=True)
+    for domain in sorted(dom_w):
+        docs = [sources[i][0].read(int(doc), int(sources[i][0].lens[doc]))
+                for i, p in enumerate(plans) if p.domain == domain for doc in p.val]
+        order = D.pack_order(len(docs), cfg.run.seed)
+        stream = np.concatenate([docs[j] for j in order]) if docs else np.zeros(0, dtype)
+        n = len(stream) // cfg.data.seq_len
+        if n == 0:
+            raise D.DataError(f"domain {domain}: {len(stream)} held-out tokens, not one row of "
+                              f"seq_len {cfg.data.seq_len} (raise data.val_tokens_per_domain)")
+        vrows = stream[: n * cfg.data.seq_len].reshape(n, cfg.data.seq_len)
+        rel = f"val/{domain}.npy"
+        np.save(out / rel, vrows)
+        val[domain] = {"file": rel, "rows": n, "sha256": T._sha256(out / rel)}
+        val_ids.append(vrows.reshape(-1))
+    probs = (writer.counts.astype(np.float64) + 1.0) / (writer.counts.sum() + len(writer.counts))
+    val_all = np.concatenate(val_ids)
+    return {"rows": rows, "seq_len": cfg.data.seq_len, "tokens": tokens, "dtype": dtype.name,
+            "tokens_per_domain": per_domain, "weights": dom_w, "realized": realized,
+            "sources": {f"{src.domain}:{D._source_name(src)}":
+                        {"documents": p.documents, "epochs": p.epochs,
+                         "tokens": int(p.train_lens.sum())}
+                        for src, p in zip(mixture.sources, plans)},
+            "val_rows": {d: v["rows"] for d, v in val.items()},
+            # the loss of a model that knows only token frequencies: what pretraining must beat
+            "unigram_val_loss": float(-np.log(probs[val_all]).mean()),
+            "max_token_id": max(writer.max_id, int(val_all.max())), "shards": shards, "val": val}
 
 
 # --- train --------------------------------------------------------------------------------
@@ -254,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(
         store.get(prepared["tokenizer"]).local_path() if prepared["tokenizer"]
         else model_dir(cfg.data.tokenizer or cfg.model.init_from, store))
-    train_rows = D.read_rows(ds_art.local_path() / "train.parquet")
-    val_rows = {p.stem: D.read_rows(p) for p in sorted((ds_art.local_path() / "val").glob("*"))}
+    # shards memory-mapped: a rank reads the rows it trains on, not the dataset
+    index, train_rows, val_rows = T.open_dataset(ds_art.local_path())
     run.mark("data")
 
     # --- models: the LLaMA model and its DeepSpeed engine -------------------------------------
@@ -266,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = AutoModelForCausalLM.from_config(llama_config(
             cfg.model.preset, len(tokenizer), tokenizer, cfg.model.max_position_embeddings))
+    T.check_fits(index, prepared["tokenizer"], model.get_input_embeddings().num_embeddings,
+                 f"dataset {ds_art.short}")
     n_flop_params = matmul_params(model)
     fpt = flops_per_token(n_flop_params, model.config.num_hidden_layers,
                           model.config.hidden_size, cfg.data.seq_len)

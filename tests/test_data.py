@@ -29,17 +29,56 @@ def test_tokenizer_reserves_special_tokens(tok):
         D.train_tokenizer(iter(["x"]), 100)
 
 
-def test_pack_has_no_padding_and_counts_domains():
-    pieces = [("a", np.array([1, 2, 3, 0], np.int32)), ("b", np.array([4, 5, 0], np.int32)),
-              ("a", np.array([6, 7, 8, 9, 0], np.int32))]
-    rows, per_domain = D.pack(pieces, seq_len=4, seed=0)
-    assert rows.shape == (3, 4)                       # 12 tokens, no tail
-    assert sorted(rows.reshape(-1).tolist()) == sorted([1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 0])
-    assert per_domain == {"a": 9, "b": 3}
-    rows2, _ = D.pack(pieces, seq_len=4, seed=0)
-    assert (rows == rows2).all()
-    with pytest.raises(D.DataError, match="not one row"):
-        D.pack(pieces[:1], seq_len=8, seed=0)
+def test_shard_writer_packs_rows_without_padding_and_counts_domains(tmp_path):
+    from stages import tokens as T
+    w = T.ShardWriter(tmp_path, seq_len=4, rows_per_shard=2, dtype=np.dtype(np.uint16), vocab=16)
+    w.add(np.array([1, 2, 3, 0], np.uint16), "a")
+    w.add(np.array([4, 5, 0], np.uint16), "b")
+    w.add(np.array([6, 7, 8, 9, 0, 10, 11], np.uint16), "a")   # 14 tokens: 3 rows + a tail of 2
+    shards = w.close()
+    assert [s["rows"] for s in shards] == [2, 1]              # written as they filled
+    assert shards[0]["tokens_per_domain"] == {"a": 5, "b": 3}
+    assert shards[1]["tokens_per_domain"] == {"a": 4}          # the tail is not counted
+    rows = T.TokenRows(tmp_path, shards, 4, "uint16")
+    assert len(rows) == 3 and rows[[0, 1, 2]].dtype == np.int64
+    assert rows[[0, 1, 2]].reshape(-1).tolist() == [1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 0]
+    assert rows[[2, 0]].tolist() == [[7, 8, 9, 0], [1, 2, 3, 0]]
+    assert w.counts[0] == 3 and w.max_id == 9
+    with pytest.raises(IndexError):
+        rows[[3]]
+
+
+def test_a_shard_that_does_not_match_its_index_is_refused(tmp_path):
+    from stages import tokens as T
+    w = T.ShardWriter(tmp_path, seq_len=4, rows_per_shard=2, dtype=np.dtype(np.uint16), vocab=16)
+    w.add(np.arange(8, dtype=np.uint16), "a")
+    shards = w.close()
+    np.save(tmp_path / shards[0]["file"], np.zeros((1, 4), np.uint16))   # a row lost
+    with pytest.raises(D.DataError, match=r"train/00000.npy: shard holds \(1, 4\) uint16, the "
+                       r"index says \(2, 4\)"):
+        T.TokenRows(tmp_path, shards, 4, "uint16")
+    (tmp_path / shards[0]["file"]).unlink()
+    with pytest.raises(D.DataError, match="shard missing"):
+        T.TokenRows(tmp_path, shards, 4, "uint16")
+
+
+def test_token_dtype_fits_the_vocabulary():
+    from stages import tokens as T
+    assert T.token_dtype(8192) == np.uint16 and T.token_dtype(65536) == np.uint16
+    assert T.token_dtype(65537) == np.uint32 and T.token_dtype(100, "uint32") == np.uint32
+    with pytest.raises(D.DataError, match=r"uint16 cannot hold a vocabulary of 128,256 tokens"):
+        T.token_dtype(128_256, "uint16")
+
+
+def test_a_dataset_of_another_tokenizer_is_refused():
+    from stages import tokens as T
+    index = {"tokenizer": "a" * 64, "max_token_id": 511}
+    T.check_fits(index, "a" * 64, 512, "dataset x")
+    with pytest.raises(D.DataError, match="built with tokenizer aaaaaaaaaaaa, the model reads "
+                       "tokenizer bbbbbbbbbbbb"):
+        T.check_fits(index, "b" * 64, 512, "dataset x")
+    with pytest.raises(D.DataError, match="token id 511 is beyond the model's 500 embeddings"):
+        T.check_fits(index, "a" * 64, 500, "dataset x")
 
 
 def src(**kw):
@@ -47,35 +86,93 @@ def src(**kw):
                            **kw})
 
 
-def test_sample_repeats_short_source_within_max_epochs(tok):
-    docs = ["the quick brown fox jumps over the lazy dog"] * 5
-    per_doc = len(tok(docs[0], add_special_tokens=False)["input_ids"]) + 1
-    s = D.sample_source(src(max_epochs=3), iter(docs), tok, target=per_doc * 8, val_tokens=1,
-                        seed=0)
-    assert len(s.val) == 1 and sum(map(len, s.train)) == per_doc * 8
-    assert s.epochs == 2.0                            # 4 training docs read twice
-    with pytest.raises(D.DataError, match=r"needs .* training tokens .* max_epochs 1.0"):
-        D.sample_source(src(), iter(docs), tok, target=per_doc * 8, val_tokens=1, seed=0)
+def test_sample_repeats_short_source_within_max_epochs():
+    lens = np.full(5, 10)                             # five documents of 10 tokens
+    order = np.array([4, 2, 0, 1, 3])
+    p = D.sample_plan(src(max_epochs=3), lens, order, target=80, val_tokens=1, seed=0)
+    assert p.val.tolist() == [4]                      # held out first, whole
+    assert p.train_lens.sum() == 80 and 4 not in p.train_docs
+    assert p.train_docs[:4].tolist() == [2, 0, 1, 3]  # first pass in the given order
+    assert sorted(p.train_docs[4:].tolist()) == [0, 1, 2, 3]   # second pass, reshuffled
+    assert p.epochs == 2.0                            # 4 training docs read twice
+    cut = D.sample_plan(src(max_epochs=3), lens, order, target=25, val_tokens=1, seed=0)
+    assert cut.train_lens.tolist() == [10, 10, 5]     # the last document is cut at the target
+    with pytest.raises(D.DataError, match=r"needs 80 training tokens .* max_epochs 1.0"):
+        D.sample_plan(src(), lens, order, target=80, val_tokens=1, seed=0)
     with pytest.raises(D.DataError, match="no documents"):
-        D.sample_source(src(), iter([]), tok, target=10, val_tokens=1, seed=0)
+        D.sample_plan(src(), lens[:0], order[:0], target=10, val_tokens=1, seed=0)
+    # a stream that was not read to the end is not an error: it stopped at what it needed
+    open_ended = D.sample_plan(src(), lens, order, target=30, val_tokens=1, seed=0,
+                               exhausted=False)
+    assert open_ended.epochs is None and open_ended.train_lens.sum() == 30
+
+
+def build(tmp_path, tok, name, *overrides):
+    from stages.pretrain import build_dataset
+    cfg = load_config(PretrainConfig, TINY, list(overrides))
+    out = tmp_path / name
+    stats = build_dataset(cfg, D.load_mixture(cfg.data.mixture), tok, None, out)
+    return cfg, stats, out
 
 
 def test_mixture_proportions_within_two_points(tmp_path, tok):
-    from stages.pretrain import build_dataset
-    cfg = load_config(PretrainConfig, TINY)
+    from stages import tokens as T
+    cfg, stats, out = build(tmp_path, tok, "a", "data.shard_tokens=8192", "data.workers=2")
     mixture = D.load_mixture(cfg.data.mixture)
-    stats = build_dataset(cfg, mixture, tok, None, tmp_path / "a")
     assert stats["tokens"] == stats["rows"] * cfg.data.seq_len
     for domain, w in mixture.domain_weights().items():
         assert abs(stats["realized"][domain] - w) <= 0.02, domain
     assert abs(sum(stats["realized"].values()) - 1) < 1e-9
     assert 0 < stats["unigram_val_loss"] < np.log(len(tok))
-    rows = D.read_rows(tmp_path / "a" / "train.parquet")
-    assert rows.shape == (stats["rows"], 64) and rows.dtype == np.int32
-    assert {p.stem for p in (tmp_path / "a" / "val").iterdir()} == set(mixture.domain_weights())
-    build_dataset(cfg, mixture, tok, None, tmp_path / "b")   # same seed, same bytes
-    assert (tmp_path / "a" / "train.parquet").read_bytes() == \
-        (tmp_path / "b" / "train.parquet").read_bytes()
+    index, rows, val = T.open_dataset(out)
+    assert len(rows) == stats["rows"] and index["dtype"] == "uint16"
+    assert len(index["shards"]) == -(-stats["rows"] // (8192 // 64)) > 1   # shards as they fill
+    assert sum(sum(s["tokens_per_domain"].values()) for s in index["shards"]) == stats["tokens"]
+    assert set(val) == set(mixture.domain_weights())
+    assert all(set(v) == {"documents", "epochs", "tokens"} for v in stats["sources"].values())
+
+
+def test_the_dataset_is_the_same_for_any_worker_count_and_unit_size(tmp_path, tok, monkeypatch):
+    from stages import pretrain as P
+    _, _, one = build(tmp_path, tok, "one", "data.workers=1")
+    monkeypatch.setattr(P, "UNIT_BYTES", 20_000)      # tiny files split into many tasks
+    _, _, two = build(tmp_path, tok, "two", "data.workers=2")
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
+    _, _, seeded = build(tmp_path, tok, "seed", "data.workers=2", "run.seed=7")
+    assert (seeded / "train/00000.npy").read_bytes() != (one / "train/00000.npy").read_bytes()
+
+
+def test_a_large_jsonl_file_splits_on_line_boundaries(tmp_path):
+    from stages import tokens as T
+    f = tmp_path / "d.jsonl"
+    texts = [f"document {i} " + "x" * (i % 7) for i in range(200)]
+    f.write_text("".join(f'{{"text": "{t}"}}\n' for t in texts))
+    units = T.file_units(0, [f], "text", "books", unit_bytes=500)
+    assert len(units) > 5
+    assert [t for u in units for t in T.unit_texts(u)] == texts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n' * 60 + '{"text": 7}\n')
+    with pytest.raises(D.DataError, match=r"bad.jsonl:61: field 'text' must be text"):
+        [t for u in T.file_units(0, [bad], "text", "books", 300) for t in T.unit_texts(u)]
+
+
+def test_a_stream_stops_at_the_tokens_it_needs(tmp_path, tok):
+    from stages import tokens as T
+    said = []
+
+    def stream():
+        for i in range(1000):
+            said.append(i)
+            yield f"streamed document number {i}"
+    ended = T.write_stream(stream(), tok, tmp_path / "s.ds", val_tokens=20, target=100)
+    toks = T.SourceTokens([T.TokenFile(tmp_path / "s.ds")])
+    assert not ended and len(said) < 1000             # stopped early, not read to the end
+    p = D.sample_plan(src(), toks.lens, np.arange(len(toks.lens)), 100, 20, 0, exhausted=ended)
+    assert p.train_lens.sum() == 100
+    assert toks.read(0, int(toks.lens[0]))[-1] == tok.eos_token_id
+    assert T.write_stream(iter(["one", "two"]), tok, tmp_path / "e.ds", 1, 10_000)   # ended
 
 
 def test_mixture_file_errors(tmp_path):
