@@ -50,13 +50,15 @@ t0 = time.time()
 out = {}
 if mode == "store":
     digest = P.get_dataset(cfg, mixture, fps, tok, tok_digest, store)
-    stats = store.get(digest).manifest["mixture_stats"]
+    manifest = store.get(digest).manifest
+    stats = {**manifest["mixture_stats"], "timings": manifest["timings"]}
     out["digest"] = digest
 else:   # scratch: the build alone, nothing registered
     with tempfile.TemporaryDirectory() as tmp:
         stats = P.build_dataset(cfg, mixture, tok, store, Path(tmp))
 out["build_s"] = time.time() - t0
 out["tokens"] = stats["tokens"]
+out["tokenized_tokens"] = stats.get("tokenized_tokens")
 out["timings"] = stats.get("timings", {})
 self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -122,7 +124,8 @@ def main() -> None:
         row = {"tokens": b["tokens"], "build_s": round(b["build_s"], 2),
                "tokens_per_s": round(b["tokens"] / b["build_s"]),
                "build_peak_rss_mb": round(b["peak_rss_mb"], 1),
-               "rank_peak_rss_mb": round(rss, 1), "phases_s": b["timings"]}
+               "rank_peak_rss_mb": round(rss, 1), "phases_s": b["timings"],
+               "tokenized_tokens": b["tokenized_tokens"]}
         sizes.append(row)
         print(f"{row['tokens']:>12,} tokens  build {row['build_s']:7.1f} s  "
               f"{row['tokens_per_s']:>9,} tok/s  build RSS {row['build_peak_rss_mb']:7.1f} MB  "
@@ -139,7 +142,9 @@ def main() -> None:
         ov = base + [f"data.total_tokens={int(args.speedup_size)}"]
         runs = {w: build(ov + [f"data.workers={w}"], "scratch") for w in (1, 2)}
         tok_s = {w: r["timings"].get("tokenize_s") for w, r in runs.items()}
-        result["workers"] = {str(w): {"build_s": round(r["build_s"], 2), **r["timings"]}
+        result["workers"] = {str(w): {"build_s": round(r["build_s"], 2), **r["timings"],
+                                      "tokenize_tokens_per_s": round(r["tokenized_tokens"] /
+                                                                     r["timings"]["tokenize_s"])}
                              for w, r in runs.items()}
         result["speedup_2_workers"] = round(tok_s[1] / tok_s[2], 3) if tok_s[2] else None
         result["speedup_2_workers_whole_build"] = round(runs[1]["build_s"] / runs[2]["build_s"], 3)

@@ -29,7 +29,7 @@ BARE = r'''
 import json, sys, time, torch
 from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from stages import data as D, engine as E
+from stages import engine as E, tokens as T
 from stages.artifacts import ArtifactStore
 from stages.config import PretrainConfig
 from stages.configfile import load_config
@@ -40,7 +40,7 @@ cfg = load_config(PretrainConfig, sys.argv[1], json.loads(sys.argv[2]))
 store = ArtifactStore(cfg.run.store)
 model_art = store.get(cfg.run.name)
 parents = {p["role"]: p["digest"] for p in model_art.parents}
-rows = D.read_rows(store.get(parents["dataset"]).local_path() / "train.parquet")
+_, rows, _ = T.open_dataset(store.get(parents["dataset"]).local_path())
 tok = AutoTokenizer.from_pretrained(store.get(parents["tokenizer"]).local_path())
 E.seed_all(cfg.run.seed)
 torch.manual_seed(cfg.run.seed)

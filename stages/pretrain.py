@@ -49,12 +49,18 @@ def preflight(cfg: PretrainConfig, store: ArtifactStore):
             D.source_files(src)
         elif src.type == "artifact":
             store.get(src.artifact, verify=False)
+    vocab = cfg.data.vocab_size
     if cfg.model.init_from:
         from transformers import AutoConfig
-        positions = AutoConfig.from_pretrained(model_dir(cfg.model.init_from, store)) \
-            .max_position_embeddings
+        model_cfg = AutoConfig.from_pretrained(model_dir(cfg.model.init_from, store))
+        positions, vocab = model_cfg.max_position_embeddings, model_cfg.vocab_size
     else:
         positions = cfg.model.max_position_embeddings or PRESETS[cfg.model.preset].max_positions
+    if vocab:
+        try:
+            T.token_dtype(vocab, cfg.data.token_dtype)
+        except D.DataError as e:
+            raise ConfigError(str(e)) from None
     if cfg.data.seq_len > positions:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is above the model's "
                           f"{positions} positions")
@@ -214,6 +220,7 @@ def build_dataset(cfg: PretrainConfig, mixture, tok, store, out: Path,
             plans.append(D.sample_plan(src, toks.lens, order, target, val_tokens, cfg.run.seed,
                                        exhausted=ended))
         stats = pack_dataset(cfg, mixture, tok, sources, plans, dtype, out)
+        stats["tokenized_tokens"] = int(sum(t.lens.sum() for t, _ in sources))
         stats["timings"] = {"tokenize_s": round(t1 - t0, 3), "pack_s": round(time.time() - t1, 3),
                             "workers": cfg.data.workers or os.cpu_count() or 1}
     finally:

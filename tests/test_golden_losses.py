@@ -1,8 +1,9 @@
 """The four stages' losses on the tiny preset, pinned: a refactor that changes what a stage
-computes fails here. tests/data/tiny_losses.json: pretrain, sft and rm as recorded from the
-code before the shared skeleton (issue 13), unchanged since; ppo re-recorded with the PPO fixes
-of issue 16 (critic units, per-rank seeds, global whitening), which change its numbers on
-purpose. Rewrite it only for a change that means to alter training:
+computes fails here. tests/data/tiny_losses.json: all four stages re-recorded with the token
+shards of issue 17, whose sampler draws documents in a numpy-seeded order (the rows a model
+sees changed on purpose; every later stage starts from that model). Before that: pretrain,
+sft and rm unchanged since the code before the shared skeleton (issue 13), ppo re-recorded
+with the PPO fixes of issue 16. Rewrite it only for a change that means to alter training:
 
     ALIGNFLOW_RECORD_LOSSES=1 bash scripts/test.sh tests/test_golden_losses.py
 """

@@ -46,6 +46,12 @@ def test_two_ranks_train_export_and_generate(tmp_path):
     realized, weights = data.manifest["mixture_stats"]["realized"], \
         data.manifest["mixture_stats"]["weights"]
     assert all(abs(realized[d] - weights[d]) <= 0.02 for d in weights)
+    # token shards the ranks memory-map, each one's digest in the manifest
+    files, stats = data.manifest["files"], data.manifest["mixture_stats"]
+    assert "index.json" in files and not [f for f in files if f.endswith(".parquet")]
+    assert stats["shards"] and all(files[s["file"]]["sha256"] == s["sha256"]
+                                   for s in stats["shards"])
+    assert all("epochs" in v and v["tokens"] > 0 for v in stats["sources"].values())
     m = art.manifest
     assert m["config"]["deepspeed"]["num_gpus"] == 2 and "--module stages.pretrain" in m["command"]
     assert m["metrics"]["eval/loss"] < m["metrics"]["baseline/eval/loss"] + 1.0
@@ -127,6 +133,29 @@ def test_bad_input_fails_before_training(tmp_path, override, message):
     out = run_module(tmp_path, override)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "store" / "names").exists()
+
+
+def test_a_vocabulary_too_large_for_the_token_dtype_fails_before_training(tmp_path):
+    out = run_module(tmp_path, "data.vocab_size=70000", "data.token_dtype=uint16")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "data.token_dtype=uint16 cannot hold a vocabulary of 70,000 tokens" in out.stderr
+    assert not (tmp_path / "store").exists() or not (tmp_path / "store" / "names").exists()
+
+
+def test_a_damaged_shard_is_never_trained_on(tmp_path):
+    code, _, out, store = launch(tmp_path, "train.max_steps=3", "train.eval_every=3")
+    assert code == 0, out[-3000:]
+    data = store.get("tiny-pretrain-data")
+    shard = data.local_path() / data.manifest["mixture_stats"]["shards"][0]["file"]
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0xFF                                  # one token changed, size unchanged
+    shard.chmod(0o644)
+    shard.write_bytes(bytes(blob))
+    code, _, out, store = launch(tmp_path, "train.max_steps=3", "train.eval_every=3",
+                                 "run.force=true", work="again")
+    assert "does not match its sha256" in out and str(shard.name) in out, out[-3000:]
+    # the damaged copy is set aside and the dataset built again from its sources
+    assert code == 0 and store.get("tiny-pretrain-data").digest == data.digest
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
