@@ -122,7 +122,8 @@ def main() -> None:
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     stage_tps = tokens_per_step * len(stage_steps) / sum(stage_steps)
     bare_tps = tokens_per_step * len(bare_steps) / sum(bare_steps)
-    loss_gap = max(abs(a["train/loss"] - b) for a, b in zip(stage_rows, bare_out["loss"]))
+    gaps = [abs(a["train/loss"] - b) for a, b in zip(stage_rows, bare_out["loss"])]
+    loss_gap = max(gaps)
     result = {
         "benchmark": "pretrain_throughput", "config": args.config, "overrides": args.overrides,
         "steps": args.steps, "measured_steps": len(stage_steps), "tokens_per_step": tokens_per_step,
@@ -131,7 +132,8 @@ def main() -> None:
         "stage_step_s_median": statistics.median(stage_steps),
         "bare_step_s_median": statistics.median(bare_steps),
         "stage_wall_s": wall_stage, "bare_wall_s": wall_bare,
-        "max_loss_difference": loss_gap, "bare_threads": bare_out["threads"],
+        "max_loss_difference": loss_gap, "loss_difference_first_steps": gaps[:5],
+        "bare_threads": bare_out["threads"],
         "machine": machine_info(), "artifact": digest,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
