@@ -1,11 +1,12 @@
 """Pretraining data at growing sizes: build time, tokens/s, peak memory of the build and of a
 training rank, and the speed-up of 2 tokenizer workers over 1.
 
-    ALIGNFLOW_HOME=<home with demo-corpus> .venv/bin/python bench/data_scaling.py \
+    [ALIGNFLOW_HOME=<home>] .venv/bin/python bench/data_scaling.py \
         [--sizes 1e6 4e6 16e6 64e6] [--speedup-size 16e6] [--steps 3]
 
-The mixture is the demo's (datasets_cfg/demo_mixture.yaml) with max_epochs raised so the demo
-corpus, repeated, can give 64M tokens. For each size: a child process builds the dataset
+The demo corpus is built first when the home's store lacks it. The mixture is the demo's
+(datasets_cfg/demo_mixture.yaml) with max_epochs raised so the demo corpus, repeated, can give
+64M tokens. For each size: a child process builds the dataset
 artifact the way the stage does (`get_dataset`: tokenize, sample, pack, register) and reports
 its wall time and its peak RSS (its own or its largest worker's); then the real stage trains the
 demo model for `--steps` steps on that dataset under the deepspeed launcher, and the largest
@@ -114,6 +115,10 @@ def main() -> None:
                     "(the code before the engine had no workers)")
     ap.add_argument("--out", default=str(REPO / "bench/results/data_scaling.json"))
     args = ap.parse_args()
+    from stages.artifacts import ArtifactStore
+    from stages.corpus import build_corpus
+    home = os.environ.get("ALIGNFLOW_HOME", str(REPO / ".alignflow"))
+    build_corpus(REPO / "datasets_cfg/demo_corpus.yaml", ArtifactStore(str(Path(home) / "store")))
     tmp = Path(tempfile.mkdtemp(prefix="data-scaling-"))
     base = [f"data.mixture={mixture_file(tmp, args.max_epochs)}"]
     sizes = []

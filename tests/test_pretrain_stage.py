@@ -128,6 +128,7 @@ def run_module(tmp_path, *overrides):
     ("train.global_batch_size=6", "does not divide over 2 rank(s)"),
     ("data.vocab_size=100", "data.vocab_size=100 is smaller than the 256 byte tokens"),
     ("model.init_from=no-such-model", "no artifact or model named 'no-such-model'"),
+    ("data.total_tokens=20000000", "training tokens but has"),   # short even at max_epochs
 ])
 def test_bad_input_fails_before_training(tmp_path, override, message):
     out = run_module(tmp_path, override)
