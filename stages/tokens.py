@@ -157,9 +157,12 @@ def tokenize_units(units: list[Unit], tokenizer_json: Path, eos: str, work: Path
     options = dict(options or {})
     if executor == "local":
         from datatrove.executor import LocalPipelineExecutor
-        runner = LocalPipelineExecutor(pipeline, tasks=len(units), workers=max(1, min(workers, len(units))),
+        # fork: the builder is a process of its own that runs no threads of torch, and a
+        # forkserver's workers spend a second each importing what this process has loaded
+        runner = LocalPipelineExecutor(pipeline, tasks=len(units),
+                                       workers=max(1, min(workers, len(units))),
                                        logging_dir=str(work / "logs"), skip_completed=False,
-                                       **options)
+                                       start_method="fork", **options)
     elif executor == "ray":
         try:
             from datatrove.executor.ray import RayPipelineExecutor
