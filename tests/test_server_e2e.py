@@ -215,3 +215,77 @@ def test_the_ui_renders_the_run_form_and_a_lineage_artifact(served, tmp_path):
     page = rendered(f"{ui}/artifacts/artifact/{latest['id']}", tmp_path / "c")
     assert store.get("tiny-ppo@latest").short in page, page[-2000:]
     assert "flowchart BT" in page      # the Mermaid source of the lineage graph
+
+
+def webdriver_or_skip():
+    """Headless Chromium under Selenium, with Debian's chromedriver (.ci/run installs both)."""
+    import shutil
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
+    driver = shutil.which("chromedriver")
+    if chromium() is None or driver is None:
+        pytest.skip("chromium and chromedriver are not installed "
+                    "(apt-get install chromium chromium-driver)")
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,3000"):
+        opts.add_argument(arg)
+    opts.binary_location = shutil.which(chromium())
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+@pytest.mark.browser
+def test_a_stage_started_from_the_typed_form_trains_with_the_changed_field(served, tmp_path):
+    """A person's path: open the pretrain deployment's Run form, pick the tiny config, change
+    the learning rate in the typed settings, press Submit; the model's resolved config carries
+    the new rate, and the fields left alone did not override the chosen YAML."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    http, ids, store, store_root, root = served
+    ui = str(http.base_url).rstrip("/").removesuffix("/api")
+    browser = webdriver_or_skip()
+
+    def field(label: str, kind: str):
+        return browser.find_element(
+            By.XPATH, f"//label[starts-with(normalize-space(.), '{label}')]/following::{kind}[1]")
+
+    def type_into(element, text: str):
+        element.click()
+        element.send_keys(Keys.CONTROL, "a")
+        element.send_keys(Keys.DELETE)
+        element.send_keys(text, Keys.TAB)
+    before = {r["id"] for r in http.post("/flow_runs/filter", json={"flow_runs": {
+        "deployment_id": {"any_": [ids["pretrain/pretrain"]]}}}).json()}
+    try:
+        browser.get(f"{ui}/deployments/deployment/{ids['pretrain/pretrain']}/run")
+        wait_for("the Run form never showed optim.lr", lambda: browser.find_elements(
+            By.XPATH, "//label[starts-with(normalize-space(.), 'optim.lr')]") or None, 60, 0.5)
+        type_into(field("Config", "textarea"), "configs/tiny/pretrain.yaml")
+        type_into(field("optim.lr", "input"), "0.0015")
+        assert field("optim.lr", "input").get_attribute("value") == "0.0015"
+        browser.find_element(By.XPATH, "//button[@type='submit' and normalize-space(.)='Submit']"
+                             ).click()
+
+        def created():
+            runs = http.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {
+                "any_": [ids["pretrain/pretrain"]]}}}).json()
+            return next((r for r in runs if r["id"] not in before), None)
+        run = wait_for("Submit created no flow run", created, 60)
+    except Exception:
+        browser.save_screenshot(str(tmp_path / "form.png"))
+        raise
+    finally:
+        browser.quit()
+    assert run["parameters"]["settings"]["optim__lr"] == 0.0015
+    assert final_state(http, run["id"], 600) == "COMPLETED", \
+        (root / "serve.log").read_text()[-4000:]
+    model = next(store.get(v.digest) for v in store.versions("tiny-pretrain")
+                 if store.get(v.digest).manifest.get("flow_run_id") == run["id"])
+    config = model.manifest["config"]
+    assert config["optim"]["lr"] == 0.0015
+    # the form showed the deployment's demo values; left alone, they did not override tiny's
+    assert config["data"]["mixture"] == "datasets_cfg/tiny_mixture.yaml"
+    assert config["train"]["max_steps"] == 6
