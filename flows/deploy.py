@@ -107,7 +107,48 @@ def deployments(schedules: list[ScheduleEntry] = (), store: str | None = None,
         out.append(fl.to_deployment(name=name, parameters=params, description=description,
                                     schedules=sched or None, triggers=events or None,
                                     tags=["alignflow"]))
+    names = model_names(store)
+    for dep in out:
+        list_model_names(dep, names)
     return out
+
+
+REFERENCES = ("parent", "actor", "reward", "model__init_from")   # settings fields naming models
+
+
+def model_names(store: str | None) -> list[str]:
+    """The names in the store whose latest version is a model (a damaged one is left out)."""
+    from stages.artifacts import ArtifactStore
+    st, out = ArtifactStore(store), []
+    try:
+        names = st.names()
+    except Exception:   # noqa: BLE001 - an unreadable store lists nothing; serving goes on
+        return []
+    for name in names:
+        try:
+            versions = st.versions(name)
+            if versions and st.get(versions[-1].digest, verify=False).kind == "model":
+                out.append(name)
+        except Exception:   # noqa: BLE001
+            continue
+    return out
+
+
+def list_model_names(deployment, names: list[str]) -> None:
+    """Reference fields of a stage's Run form say which models the store held when served: a
+    described string rather than an enum, so a digest or `name@3` still goes (and a model made
+    after serving too)."""
+    if not names:
+        return
+    # the schema Prefect registers for the deployment; Prefect edits it the same way for
+    # read-only parameters
+    for definition in (deployment._parameter_openapi_schema.definitions or {}).values():
+        for key in REFERENCES:
+            prop = definition.get("properties", {}).get(key)
+            if prop is not None:
+                prop["description"] = (f"{prop.get('description') or ''} Models in the store "
+                                       f"when served: {', '.join(names)}.").strip()
+                prop["examples"] = names
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -179,6 +179,20 @@ def test_the_run_form_is_typed_from_the_stage_schema(harness, tmp_path, monkeypa
     lr = schema["definitions"]["SftSettings"]["properties"]["optim__lr"]
     assert lr["title"] == "optim.lr" and lr["default"] == 0.001 and lr["exclusiveMinimum"] == 0
     assert "Peak learning rate" in lr["description"]
+    # reference fields name the store's models (the test store has one)
+    from stages.artifacts import ArtifactStore
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    ArtifactStore(str(tmp_path)).put(src, kind="model", stage="sft", name="my-sft")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "rows.txt").write_text("rows")
+    ArtifactStore(str(tmp_path)).put(tmp_path / "d", kind="dataset", stage="sft", name="my-data")
+    dep = next(d for d in deployments([], store=str(tmp_path)) if d.name == "rm")
+    parent = dep._parameter_openapi_schema.model_dump()["definitions"]["RmSettings"][
+        "properties"]["parent"]
+    assert "Models in the store when served: my-sft." in parent["description"]
+    assert parent["examples"] == ["my-sft"]
     # a changed field becomes an override; unchanged ones leave the chosen YAML alone
     launched = []
 
