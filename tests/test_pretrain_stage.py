@@ -128,7 +128,6 @@ def run_module(tmp_path, *overrides):
     ("train.global_batch_size=6", "does not divide over 2 rank(s)"),
     ("data.vocab_size=100", "data.vocab_size=100 is smaller than the 256 byte tokens"),
     ("model.init_from=no-such-model", "no artifact or model named 'no-such-model'"),
-    ("data.total_tokens=20000000", "training tokens but has"),   # short even at max_epochs
 ])
 def test_bad_input_fails_before_training(tmp_path, override, message):
     out = run_module(tmp_path, override)
@@ -141,6 +140,15 @@ def test_a_vocabulary_too_large_for_the_token_dtype_fails_before_training(tmp_pa
     assert out.returncode == 2, out.stderr[-2000:]
     assert "data.token_dtype=uint16 cannot hold a vocabulary of 70,000 tokens" in out.stderr
     assert not (tmp_path / "store").exists() or not (tmp_path / "store" / "names").exists()
+
+
+def test_a_source_short_even_at_max_epochs_fails_before_training(tmp_path):
+    out = run_module(tmp_path, "data.total_tokens=20000000", "deepspeed.num_gpus=1")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "needs" in out.stderr and "training tokens but has" in out.stderr
+    assert "Raise max_epochs" in out.stderr and "Traceback" not in out.stderr
+    names = tmp_path / "store" / "names"
+    assert not (names / "tiny-pretrain-data").exists() and not (names / "tiny-pretrain").exists()
 
 
 def test_a_damaged_shard_is_never_trained_on(tmp_path):
