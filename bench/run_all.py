@@ -1,7 +1,8 @@
 """Every benchmark, one after another: `.venv/bin/python bench/run_all.py [--quick]`.
 
 pretrain throughput (stage vs bare PyTorch), demo corpus build cold and warm, pretraining data
-at growing sizes (build time and memory, 2 tokenizer workers vs 1), PPO throughput
+at growing sizes (build time and memory, 2 tokenizer workers vs 1), datatrove vs datasets.map,
+PPO throughput
 (needs demo-sft and demo-rm: run `bash scripts/demo.sh` first, or it is reported as skipped),
 pipeline orchestration overhead and cached rerun, RL quality (also after the demo). --quick uses
 the tiny preset for the pipeline, fewer PPO steps and one seed of two RL runs. Each prints its figures and writes its JSON to bench/results/.
@@ -21,6 +22,7 @@ def main() -> int:
     quick = "--quick" in sys.argv[1:]
     runs = [("pretrain_throughput", []), ("corpus_build", []),
             ("data_scaling", ["--sizes", "1e6", "4e6", "--speedup-size", "4e6"] if quick else []),
+            ("tokenize_engines", []),
             ("ppo_throughput", ["--steps", "6"] if quick else []),
             ("pipeline_overhead", ["--preset", "tiny" if quick else "demo"]),
             ("rl_quality", ["--seeds", "1", "--only", "gae:rm", "grpo:checker"] if quick else [])]
