@@ -8,8 +8,8 @@ schedule and clipping. The stage runs first (it builds the dataset); the bare lo
 the dataset artifact the stage trained on; the pair alternates for `--rounds` rounds, and the
 ratio is the median of the rounds' (this machine's speed drifts by tens of percent over
 minutes). Throughput is measured over steps after `--skip` warm-up steps; launcher start-up
-and data preparation are reported separately. Prints figures
-and writes bench/results/pretrain_throughput-<host>.json. A script, not a test.
+and data preparation are reported separately. Prints figures and writes
+bench/results/pretrain_throughput-<host>.json. A script, not a test.
 """
 
 from __future__ import annotations
@@ -91,10 +91,9 @@ def main() -> None:
     from stages.corpus import build_corpus
     from stages.artifacts import ArtifactStore
 
-    work = Path(tempfile.mkdtemp(prefix="alignflow-bench-"))
     home = os.environ.get("ALIGNFLOW_HOME", str(REPO / ".alignflow"))
     store_root = str(Path(home) / "store")
-    overrides = [f"run.store={store_root}", f"run.work_dir={work}", "run.name=bench-pretrain",
+    overrides = [f"run.store={store_root}", "run.name=bench-pretrain",
                  "run.log_every=1", f"train.max_steps={args.steps}", "train.eval_every=1000000",
                  "checkpoint.every_steps=1000000", "checkpoint.resume=false", "run.force=true",
                  *args.overrides]
@@ -105,8 +104,7 @@ def main() -> None:
     rounds = []
     for _ in range(args.rounds):   # alternating: this machine's speed drifts over minutes
         work_r = Path(tempfile.mkdtemp(prefix="alignflow-bench-"))
-        ov = [o if not o.startswith("run.work_dir=") else f"run.work_dir={work_r}"
-              for o in overrides]
+        ov = [*overrides, f"run.work_dir={work_r}"]
         cmd = build_command("pretrain", args.config, ov)
         t0 = time.time()
         code, digest = run_stage(cmd, env={"ALIGNFLOW_HOME": home},

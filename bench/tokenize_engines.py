@@ -30,7 +30,6 @@ def with_datatrove(files: list[Path], tokenizer_json: Path, eos: str, workers: i
     try:
         units = [u for i, f in enumerate(files)
                  for u in T.file_units(i, [f], "text", "bench", 4 << 20)]
-        units.sort(key=lambda u: -u.size)
         t0 = time.time()
         out = T.tokenize_units(units, tokenizer_json, eos, work, workers)
         seconds = time.time() - t0

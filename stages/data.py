@@ -67,7 +67,7 @@ def source_documents(src: SourceConfig, seed: int, store=None) -> Iterator[str]:
         import datasets  # only hub sources need the network
         ds = datasets.load_dataset(src.dataset, src.subset, split=src.split, streaming=True)
         return _hub_texts(ds.shuffle(seed=seed, buffer_size=10_000), src)
-    docs = [d for f in source_files(src, store) for d in _read_file(f, src)]
+    docs = [d for f in source_files(src, store) for d in read_file(f, src.text_field, src.domain)]
     return shuffled(docs, seed, f"{src.domain}:{_source_name(src)}")
 
 
@@ -80,10 +80,6 @@ def _hub_texts(ds, src: SourceConfig) -> Iterator[str]:
             yield text
 
 
-def _read_file(f: Path, src: SourceConfig) -> Iterator[str]:
-    return read_file(f, src.text_field, src.domain)
-
-
 def read_file(f: Path, text_field: str, domain: str) -> Iterator[str]:
     """The texts of one .txt, .jsonl or .parquet file; errors name the file (and line)."""
     if f.suffix == ".txt":
@@ -91,12 +87,7 @@ def read_file(f: Path, text_field: str, domain: str) -> Iterator[str]:
         if text.strip():
             yield text
     elif f.suffix == ".jsonl":
-        for at, row in read_jsonl(f):
-            if text_field not in row:
-                raise DataError(f"{at}: no field '{text_field}' (source {domain}); "
-                                f"fields: {', '.join(row)}")
-            if text := text_value(row, text_field, at):
-                yield text
+        yield from jsonl_texts(read_jsonl(f), text_field, domain)
     else:
         try:
             table = pq.read_table(f)
@@ -110,6 +101,16 @@ def read_file(f: Path, text_field: str, domain: str) -> Iterator[str]:
             raise DataError(f"{f}: column '{text_field}' must be text, its type is {t} "
                             f"(source {domain})")
         yield from (t for t in table.column(text_field).to_pylist() if t)
+
+
+def jsonl_texts(rows: Iterator[tuple[str, dict]], text_field: str, domain: str) -> Iterator[str]:
+    """The text field of each (`file:line`, row); a row without it is an error naming the line."""
+    for at, row in rows:
+        if text_field not in row:
+            raise DataError(f"{at}: no field '{text_field}' (source {domain}); "
+                            f"fields: {', '.join(row)}")
+        if text := text_value(row, text_field, at):
+            yield text
 
 
 # --- tokenizer ----------------------------------------------------------------------------

@@ -177,7 +177,6 @@ def tokenize_sources(cfg: PretrainConfig, mixture, tok, store, work: Path, targe
         if src.type != "hub":
             units += T.file_units(i, D.source_files(src, store), src.text_field, src.domain,
                                   UNIT_BYTES)
-    units.sort(key=lambda u: -u.size)   # the longest tasks first keeps every worker busy
     files = T.tokenize_units(units, work / "tokenizer.json", tok.eos_token, work,
                              cfg.data.workers or os.cpu_count() or 1, cfg.data.executor) \
         if units else []
@@ -190,8 +189,7 @@ def tokenize_sources(cfg: PretrainConfig, mixture, tok, store, work: Path, targe
                                    val, target)
             out.append((T.SourceTokens([T.TokenFile(path)]), ended))
             continue
-        mine = sorted((u.path, u.start, k) for k, u in enumerate(units) if u.source == i)
-        out.append((T.SourceTokens([files[k] for _, _, k in mine]), True))
+        out.append((T.SourceTokens([f for u, f in zip(units, files) if u.source == i]), True))
     return out
 
 
@@ -281,7 +279,7 @@ def pack_dataset(cfg: PretrainConfig, mixture, tok, sources, plans, dtype, out: 
         vrows = stream[: n * cfg.data.seq_len].reshape(n, cfg.data.seq_len)
         rel = f"val/{domain}.npy"
         np.save(out / rel, vrows)
-        val[domain] = {"file": rel, "rows": n, "sha256": T._sha256(out / rel)}
+        val[domain] = {"file": rel, "rows": n, "sha256": sha256_file(out / rel)}
         val_ids.append(vrows.reshape(-1))
     probs = (writer.counts.astype(np.float64) + 1.0) / (writer.counts.sum() + len(writer.counts))
     val_all = np.concatenate(val_ids)

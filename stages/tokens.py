@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from stages.artifacts import sha256_file
 from stages.configfile import DataError
 
 FORMAT = "alignflow-tokens/1"
@@ -77,8 +78,8 @@ def file_units(source: int, files: list[Path], text_field: str, domain: str,
 
 def unit_texts(unit: Unit) -> Iterator[str]:
     """The texts of one unit, in file order; errors name the file and line."""
-    from stages.configfile import jsonl_rows, text_value
-    from stages.data import read_file
+    from stages.configfile import jsonl_rows
+    from stages.data import jsonl_texts, read_file
     path = Path(unit.path)
     if path.suffix != ".jsonl" or unit.end is None:
         yield from read_file(path, unit.text_field, unit.domain)
@@ -100,12 +101,7 @@ def unit_texts(unit: Unit) -> Iterator[str]:
                     first_line = pos
                 yield line
         try:
-            for at, row in jsonl_rows(lines(), str(path)):
-                if unit.text_field not in row:
-                    raise DataError(f"{at}: no field '{unit.text_field}' (source "
-                                    f"{unit.domain}); fields: {', '.join(row)}")
-                if text := text_value(row, unit.text_field, at):
-                    yield text
+            yield from jsonl_texts(jsonl_rows(lines(), str(path)), unit.text_field, unit.domain)
         except DataError as e:
             raise DataError(_absolute_line(str(e), path, first_line or 0)) from None
 
@@ -143,15 +139,19 @@ class UnitReader:
 def tokenize_units(units: list[Unit], tokenizer_json: Path, eos: str, work: Path,
                    workers: int, executor: str = "local", options: dict | None = None) \
         -> list["TokenFile"]:
-    """Tokenize every unit with datatrove, `workers` tasks at a time; one TokenFile per unit.
+    """Tokenize every unit with datatrove, `workers` tasks at a time; one TokenFile per unit,
+    in the order given.
 
     Each task is one process with the Rust tokenizer's own thread pool off, so the work is
     spread by the executor (over processes here, over nodes with Ray) and not twice."""
     from datatrove.pipeline.tokens import DocumentTokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # inherited by the executor's processes
     out = work / "tokens"
-    pipeline = [UnitReader(units),
-                DocumentTokenizer(output_folder=str(out), tokenizer_name_or_path=str(tokenizer_json),
+    # task r tokenizes units[by_size[r]]: the longest tasks first keeps every worker busy
+    by_size = sorted(range(len(units)), key=lambda k: -units[k].size)
+    pipeline = [UnitReader([units[k] for k in by_size]),
+                DocumentTokenizer(output_folder=str(out),
+                                  tokenizer_name_or_path=str(tokenizer_json),
                                   eos_token=eos, shuffle_documents=False, save_index=True,
                                   save_final_metadata=True, batch_size=1000)]
     options = dict(options or {})
@@ -191,7 +191,9 @@ def tokenize_units(units: list[Unit], tokenizer_json: Path, eos: str, work: Path
         raise
     finally:
         os.close(saved)
-    files = [TokenFile(out / f"{rank:05d}_unshuffled.ds") for rank in range(len(units))]
+    files = [None] * len(units)
+    for rank, k in enumerate(by_size):
+        files[k] = TokenFile(out / f"{rank:05d}_unshuffled.ds")
     for unit, tf in zip(units, files):
         if not tf.path.exists():
             raise DataError(f"tokenizing {unit.path} (bytes {unit.start}-{unit.end}) wrote no "
@@ -211,26 +213,17 @@ class TokenFile:
         self.ends = np.fromfile(index, dtype="<u8").astype(np.int64) if index.exists() \
             and path.stat().st_size else np.zeros(0, np.int64)
 
-    def read(self, start: int, count: int) -> np.ndarray:
-        # a read, not a memory map: the build copies each document once, and mapped pages
-        # would stay in its resident memory
-        with open(self.path, "rb") as f:
-            f.seek(start * self.dtype.itemsize)
-            return np.fromfile(f, dtype=self.dtype, count=count)
-
 
 class SourceTokens:
     """The documents of one source across its units' token files, in unit order."""
 
     def __init__(self, files: list[TokenFile]):
         self.files = files
-        ends = [f.ends for f in files]
-        self.lens = np.concatenate([np.diff(e, prepend=0) for e in ends]) if ends \
-            else np.zeros(0, np.int64)
-        self.file_of = np.concatenate([np.full(len(e), i, np.int32) for i, e in enumerate(ends)]) \
-            if ends else np.zeros(0, np.int32)
-        self.start = np.concatenate([e - np.diff(e, prepend=0) for e in ends]) if ends \
-            else np.zeros(0, np.int64)
+        ends = [f.ends for f in files] or [np.zeros(0, np.int64)]
+        lens = [np.diff(e, prepend=0) for e in ends]
+        self.lens = np.concatenate(lens)
+        self.start = np.concatenate([e - n for e, n in zip(ends, lens)])
+        self.file_of = np.concatenate([np.full(len(e), i, np.int32) for i, e in enumerate(ends)])
         self._open: dict[int, object] = {}
 
     def read(self, doc: int, count: int) -> np.ndarray:
@@ -324,7 +317,8 @@ class ShardWriter:
         rel = f"train/{len(self.shards):05d}.npy"
         np.save(self.root / rel, rows)
         self.shards.append({"file": rel, "rows": int(rows.shape[0]),
-                            "sha256": _sha256(self.root / rel), "tokens_per_domain": per_domain})
+                            "sha256": sha256_file(self.root / rel),
+                            "tokens_per_domain": per_domain})
         self.fill = 0
 
     def close(self) -> list[dict]:
@@ -333,14 +327,6 @@ class ShardWriter:
             self._flush(whole)
         self.fill, self.pending = 0, []
         return self.shards
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_index(root: Path) -> dict:
