@@ -235,13 +235,18 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     sampling = {"do_sample": False} if greedy else {
         "do_sample": True, "temperature": cfg.rollout.temperature, "top_k": None, "top_p": 1.0}
     P = enc["input_ids"].shape[1]
+    gen_logits = None
     if m.sampler is not None:
         resp = m.sampler.generate(enc, cfg.rollout.max_new_tokens,
                                   None if greedy else cfg.rollout.temperature, tok)
     else:
-        resp = m.actor.module.generate(
+        # The logits generate() computed anyway are the actor's logits at the response
+        # positions (unprocessed: before temperature): no second actor forward (as TRL does).
+        out = m.actor.module.generate(
             **enc, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, **sampling)[:, P:]
+            eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True,
+            **sampling)
+        resp, gen_logits = out.sequences[:, P:], torch.stack(out.logits, 1)
     gen_s = time.time() - t0
     # Everything after the first EOS is padding; the EOS itself is part of the response.
     is_eos = resp == tok.eos_token_id
@@ -253,16 +258,24 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     attn = torch.cat([enc["attention_mask"], mask.long()], 1)
     pos = positions(attn)
     temp = 1.0 if greedy else cfg.rollout.temperature
-    # Logits at the response positions only (the LM head over the prompt is wasted work).
-    keep = resp.shape[1] + 1
-    logits = m.actor(input_ids=seq, attention_mask=attn, position_ids=pos,
-                     logits_to_keep=keep).logits[:, :-1]
-    logp = L.token_logprobs(logits, resp, temp)
-    ref_logits = m.ref(input_ids=seq, attention_mask=attn, position_ids=pos,
-                       logits_to_keep=keep).logits[:, :-1]
-    ref_logp = L.token_logprobs(ref_logits, resp, temp)
+    # Scoring forwards in micro-batches (a rollout batch may be far larger than what fits in
+    # one forward), logits at the response positions only.
+    mb, keep = cfg.train.micro_batch_size, resp.shape[1] + 1
+    logp, ref_logp, exact_kl, values = [], [], [], []
+    for i in range(0, len(seq), mb):
+        s = slice(i, i + mb)
+        fwd = dict(input_ids=seq[s], attention_mask=attn[s], position_ids=pos[s])
+        logits = gen_logits[s] if gen_logits is not None else \
+            m.actor(**fwd, logits_to_keep=keep).logits[:, :-1]
+        ref_logits = m.ref(**fwd, logits_to_keep=keep).logits[:, :-1]
+        logp.append(L.token_logprobs(logits, resp[s], temp))
+        ref_logp.append(L.token_logprobs(ref_logits, resp[s], temp))
+        exact_kl.append((L.exact_kl(logits, ref_logits) * mask[s]).sum(1))
+        if learn and m.critic is not None:
+            values.append(m.critic(**fwd)[:, P - 1:-1] * mask[s])
+    logp, ref_logp, exact_kl = torch.cat(logp), torch.cat(ref_logp), torch.cat(exact_kl)
     texts, _ = decode_responses(tok, resp)
-    raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=len(prompts),
+    raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=mb,
                     device=d.device)
     gold = [check(p["answer"], t) for p, t in zip(prompts, texts) if "answer" in p]
     if cfg.ppo.reward_source == "checker":
@@ -272,11 +285,10 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
             -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
     norm = norm - cfg.rollout.missing_eos_penalty * (~ended).float()
     kl = L.kl_estimate(logp, ref_logp, cfg.kl.estimator) * mask
-    exact_kl = (L.exact_kl(logits, ref_logits) * mask).sum(1)
-    values = adv = returns = torch.zeros_like(mask)
+    values = torch.cat(values) if values else torch.zeros_like(mask)
+    adv = returns = torch.zeros_like(mask)
     beta = m.kl_ctl.beta if cfg.kl.placement == "reward" else 0.0
     if learn and m.critic is not None:     # gae
-        values = m.critic(seq, attn, pos)[:, P - 1:-1] * mask
         rewards = L.token_rewards(norm, kl, mask, beta)
         adv, returns = L.gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
         if cfg.ppo.whiten_advantages:   # over the whole batch, every rank's share alike

@@ -228,3 +228,49 @@ def test_critic_free_advantages_run_in_the_same_stage(chain, method, extra):
     assert "loss/policy" in rows[0] and "loss/value" not in rows[0]        # no critic trained
     assert ("loss/kl" in rows[0]) == ("kl.placement=loss" in extra)
     assert f"{method} advantages, engines: actor, reference, reward;" in log   # no critic
+
+
+class _Engine:
+    """What rollout() needs of a DeepSpeed engine: .module, and calls passed to it."""
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, *args, **kw):
+        return self.module(*args, **kw)
+
+
+def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain):
+    # The log-probs kept at rollout come from generate()'s own logits (no second forward); they
+    # must be what a forward of the sampled sequences gives, or the first PPO ratio is not 1.
+    # Scoring in micro-batches must give what one batch gives.
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import stages.losses as L
+    from stages.engine import Dist
+    from stages.model import load_tokenizer
+    from stages.ppo import Critic, Models, rollout
+    _, store, _, _ = chain
+    sft, rm = (store.get(store.resolve(f"tiny-{s}@latest")) for s in ("sft", "rm"))
+    actor = AutoModelForCausalLM.from_pretrained(sft.local_path()).eval()
+    reward = AutoModelForSequenceClassification.from_pretrained(rm.local_path()).eval()
+    m = Models(_Engine(actor), _Engine(Critic(reward)), _Engine(actor), _Engine(reward),
+               load_tokenizer(sft.local_path()), {"reward_mean": 0.0, "reward_std": 1.0},
+               L.KLController(0.05, False, 2.0, 10000))
+    prompts = [{"prompt": f"Sort in ascending order: {a} {b} {c}"}
+               for a, b, c in ((3, 1, 2), (9, 4, 7), (5, 0, 8), (6, 2, 1), (7, 3, 9), (1, 8, 0))]
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    out = {}
+    for mb in (8, 2):        # one forward, and three
+        cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                          [f"train.micro_batch_size={mb}", "ppo.whiten_advantages=false",
+                           "deepspeed.num_gpus=1"])
+        torch.manual_seed(0)
+        out[mb] = rollout(m, prompts, cfg, d)
+    b = out[8]
+    with torch.no_grad():
+        logits = actor(input_ids=b.seq, attention_mask=b.attn, position_ids=b.pos).logits
+    fresh = L.token_logprobs(logits[:, b.P - 1:-1], b.resp, cfg.rollout.temperature)
+    assert b.mask.sum() > len(prompts)                       # responses of more than one token
+    assert torch.allclose(b.logp * b.mask, fresh * b.mask, atol=1e-4)
+    assert torch.allclose(b.ref_logp, b.logp, atol=1e-4)      # reference = actor here
+    for k in ("logp", "ref_logp", "values", "exact_kl", "raw", "adv"):
+        assert torch.allclose(getattr(out[2], k), getattr(b, k), atol=1e-5), k
