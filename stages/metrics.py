@@ -11,6 +11,8 @@ the lineage labels and the curves group by prefix and never need a stage's metri
     gold/eos_rate                                  greedy answers that ended
     rl/reward rl/sampled_reward rl/kl rl/eos_rate  held-out RM reward and KL to the reference (ppo)
     rl/beta rl/reward_hacking
+    rl/rm_pairwise_accuracy rl/rm_pairs            the RM's ordering of right and wrong sampled
+                                                   answers to one held-out prompt (ppo)
     rollout/*  loss/*  policy/*  critic/*          one PPO step's batch and updates
     rm/reward_mean rm/reward_std rm/margin         the reward model's score distribution
     data/*  model/params  perf/*                   sizes and speed

@@ -393,8 +393,14 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
     counts = gold_counts(mine, texts, "gold/accuracy", fams)
     if cfg.data.eval_samples:
         counts |= gold_counts(reps, stexts, "gold/sampled_accuracy", fams)
+    if cfg.data.eval_samples:
+        agree, pairs = rm_agreement(reps, stexts, out["rl/sampled_reward"], cfg.data.eval_samples)
+        sums |= {"rm_pairs:agree": agree, "rm_pairs:n": pairs}
     total = sum_all({**sums, **counts})
     res = {k: total[f"{k}:sum"] / max(total[f"{k}:n"], 1) for k in out}
+    if total.get("rm_pairs:n"):
+        res["rl/rm_pairwise_accuracy"] = total["rm_pairs:agree"] / total["rm_pairs:n"]
+        res["rl/rm_pairs"] = int(total["rm_pairs:n"])
     res |= accuracies({k: total[k] for k in counts})
     res["gold/n"] = int(total["gold/accuracy:n"])
     if cfg.data.eval_samples:
@@ -412,6 +418,25 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
     outcomes = {mode: [gathered[i % d.world][mode][i // d.world] for i in range(len(prompts))]
                 for mode in mine_out}
     return {**dict(sorted(res.items())), "samples": samples, "outcomes": outcomes}
+
+
+def rm_agreement(recs: list[dict], texts: list[str], scores: list[float],
+                 k: int) -> tuple[int, int]:
+    """(pairs the RM orders as the checker does, pairs): every right and wrong sampled answer
+    to one prompt (k consecutive samples each). The RM's own held-out accuracy is measured on
+    the negatives its data was built with; this is its accuracy on what the policy writes, which
+    is what PPO optimizes against and where an RM that cannot tell gets exploited."""
+    agree = pairs = 0
+    for j in range(0, len(recs), k):
+        if "answer" not in recs[j]:
+            continue
+        ok = [check(recs[j]["answer"], t) for t in texts[j:j + k]]
+        for a in range(k):
+            for b in range(k):
+                if ok[a] and not ok[b]:
+                    pairs += 1
+                    agree += scores[j + a] > scores[j + b]
+    return agree, pairs
 
 
 NOT_METRICS = ("samples", "outcomes")   # what evaluate() returns besides figures
@@ -477,7 +502,10 @@ def headline(m: dict, cfg: PPOConfig) -> dict:
         label = f"sampled at T {cfg.rollout.temperature:g}" if mode == "sampled" else mode
         parts.append(f"{label}: RM reward {m[M.BASELINE + r]:.3f} -> {m[r]:.3f}, gold accuracy "
                      f"{m[M.BASELINE + g]:.3f} -> {m[g]:.3f} ({verdict})")
+    rm_acc = m.get(M.BASELINE + "rl/rm_pairwise_accuracy")
     text = ("; ".join(parts) + f"; KL {m['rl/kl']:.3f} (target {cfg.kl.target:.1f})"
+            + (f"; the RM orders SFT's right and wrong samples {rm_acc:.2f}"
+               if rm_acc is not None and cfg.ppo.reward_source == "rm" else "")
             + ("; REWARD HACKING" if m["rl/reward_hacking"] else "")
             + ("; trained on the checker's reward" if cfg.ppo.reward_source == "checker" else ""))
     metric = "gold/sampled_accuracy" if "gold/sampled_accuracy" in m else "gold/accuracy"

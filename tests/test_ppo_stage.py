@@ -274,3 +274,13 @@ def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain)
     assert torch.allclose(b.ref_logp, b.logp, atol=1e-4)      # reference = actor here
     for k in ("logp", "ref_logp", "values", "exact_kl", "raw", "adv"):
         assert torch.allclose(getattr(out[2], k), getattr(b, k), atol=1e-5), k
+
+
+def test_rm_agreement_counts_right_wrong_pairs_within_a_prompt():
+    from stages.ppo import rm_agreement
+    recs = [{"answer": "1 2 3"}] * 3 + [{"answer": "4 5 6"}] * 3 + [{}] * 3
+    texts = ["1 2 3", "1 3 2", "1 2 3",     # two right, one wrong: 2 pairs
+             "4 5 6", "4 5 6", "4 5 6",     # all right: no pair
+             "a", "b", "c"]                 # no answer: not counted
+    scores = [2.0, 1.0, 0.5,  0, 0, 0,  9, 9, 9]
+    assert rm_agreement(recs, texts, scores, 3) == (1, 2)   # 2.0 > 1.0, but 0.5 < 1.0
