@@ -42,15 +42,20 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return (out if shift_mean else out + mean.to(x.dtype)) * mask
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0):
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   chunk_elements: int = 1 << 22):
     """log pi(token) under logits scaled by the sampling temperature (as they were sampled):
-    the token's logit minus the logsumexp, row by row, so no [B, R, vocab] log-softmax is ever
-    held (TRL's selective_log_softmax does the same)."""
-    out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
-    for i in range(logits.shape[0]):
-        x = logits[i].float() / temperature
-        out[i] = x.gather(-1, tokens[i].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
-    return out
+    the token's logit minus the logsumexp, a few rows at a time (at most `chunk_elements`
+    logits each, so no [B, R, vocab] float32 log-softmax is ever held, as TRL's
+    selective_log_softmax; whole rows at once where they are small, since a loop of tiny
+    ops costs more than the arithmetic)."""
+    rows = max(1, chunk_elements // max(logits[0].numel(), 1))
+    out = []
+    for i in range(0, logits.shape[0], rows):
+        x = logits[i:i + rows].float() / temperature
+        out.append(x.gather(-1, tokens[i:i + rows].unsqueeze(-1)).squeeze(-1)
+                   - torch.logsumexp(x, -1))
+    return torch.cat(out)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,13 @@ def test_entropy_and_logprobs():
     p = torch.sqrt(T([0.5, 0.25, 0.25]))
     assert L.token_logprobs(logits, T([[0]]), 2.0).item() == pytest.approx(
         math.log(p[0] / p.sum()))
+    # A few rows at a time or all at once: the same log-probs.
+    g = torch.Generator().manual_seed(0)
+    logits, tokens = torch.randn(5, 3, 7, generator=g), torch.randint(0, 7, (5, 3), generator=g)
+    whole = L.token_logprobs(logits, tokens, 0.7)
+    assert torch.allclose(L.token_logprobs(logits, tokens, 0.7, chunk_elements=42), whole)
+    assert torch.allclose(whole, torch.log_softmax(logits / 0.7, -1).gather(
+        -1, tokens.unsqueeze(-1)).squeeze(-1))
 
 
 def test_explained_variance():
