@@ -1,7 +1,7 @@
 """RL quality on the demo: does RL raise gold accuracy beyond the paired noise, by estimator
 (gae = PPO with a critic, grpo) and reward source (the RM, the task checker), over seeds?
 
-    .venv/bin/python bench/rl_quality.py [--seeds 1 2 3] [--split test] [--steps 40] [k=v ...]
+    .venv/bin/python bench/rl_quality.py [--seeds 1 2 3] [--split test] [--steps N] [k=v ...]
 
 Runs the ppo stage under the deepspeed launcher from the demo's SFT model against its reward
 model (run `bash scripts/demo.sh` first), one run per (estimator, reward source, seed); runs
@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,18 +31,20 @@ sys.path.insert(0, str(REPO / "bench"))
 RUNS = (("gae", "rm"), ("gae", "checker"), ("grpo", "rm"), ("grpo", "checker"))
 
 
-def one_run(advantage: str, source: str, seed: int, args, home: str) -> dict:
+def one_run(advantage: str, source: str, seed: int, args, home: str, env: dict) -> dict:
     from flows.launch import build_command, run_stage
     from stages.artifacts import ArtifactStore
     store = Path(home) / "store"
-    overrides = [f"run.store={store}", f"run.name=bench-rl-{advantage}-{source}",
+    overrides = [f"run.store={store}", f"run.name=bench-rl-{advantage}-{source}-s{seed}",
                  f"run.seed={seed}", f"ppo.advantage={advantage}",
                  f"ppo.reward_source={source}", f"data.eval_split={args.split}",
-                 f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
-                 *args.overrides]
+                 *([f"train.max_steps={args.steps}", f"train.eval_every={args.steps}"]
+                   if args.steps else []),
+                 *args.overrides, *[kv.split(":", 1)[1] for kv in args.set
+                                    if kv.split(":", 1)[0] == advantage]]
     t0 = time.time()
     code, digest = run_stage(build_command("ppo", args.config, overrides),
-                             env={"ALIGNFLOW_HOME": home},
+                             env={"ALIGNFLOW_HOME": home, **env},
                              on_line=lambda l: print(f"    {l}") if "[alignflow] held" in l
                              or "rror" in l else None)
     if code != 0 or not digest:
@@ -70,7 +73,13 @@ def summarize(advantage: str, source: str, runs: list[dict]) -> dict:
         "sampled_gold_sft": mean("baseline/gold/sampled_accuracy"),
         "sampled_gold": mean("gold/sampled_accuracy"), "sampled_delta": mean("gold/sampled_delta"),
         "kl": mean("rl/kl"), "kl_target": runs[0]["config"]["kl"]["target"],
-        "heldout_prompts": runs[0].get("gold/n"), "digests": [r["digest"] for r in runs],
+        # The RM's ordering of a right and a wrong sampled answer to one prompt, on SFT's
+        # samples and on the result's: what the policy can exploit.
+        "rm_pairwise_on_sft_samples": mean("baseline/rl/rm_pairwise_accuracy"),
+        "rm_pairwise_on_rl_samples": mean("rl/rm_pairwise_accuracy"),
+        "reward_hacking": [r.get("rl/reward_hacking") for r in runs],
+        "heldout_prompts": runs[0].get("gold/n"),
+        "steps": runs[0]["config"]["train"]["max_steps"], "digests": [r["digest"] for r in runs],
     }
 
 
@@ -79,9 +88,14 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo/ppo.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--split", default="test", choices=["validation", "test", "all"])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=None, help="default: the config's max_steps")
     ap.add_argument("--only", nargs="*", default=None, metavar="ADV:SOURCE",
                     help="a subset of the runs, e.g. grpo:checker")
+    ap.add_argument("--set", nargs="*", default=[], metavar="ADV:KEY=VALUE",
+                    help="an override for one estimator's runs, e.g. grpo:optim.lr=3e-4")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, the cores split among them (tiny models use many "
+                    "threads poorly)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("overrides", nargs="*", help="more stage overrides for every run")
     args = ap.parse_args()
@@ -89,10 +103,13 @@ def main() -> None:
 
     home = os.environ.get("ALIGNFLOW_HOME", str(REPO / ".alignflow"))
     todo = [r for r in RUNS if args.only is None or f"{r[0]}:{r[1]}" in args.only]
-    rows = []
-    for advantage, source in todo:
-        runs = [one_run(advantage, source, s, args, home) for s in args.seeds]
-        rows.append(summarize(advantage, source, runs))
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if args.jobs > 1 else {}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = {(a, s, seed): pool.submit(one_run, a, s, seed, args, home, env)
+                for a, s in todo for seed in args.seeds}
+        rows = [summarize(a, s, [done[a, s, seed].result() for seed in args.seeds])
+                for a, s in todo]
     print(f"\n  {'estimator':<9} {'reward':<8} {'greedy SFT -> RL':<18} {'change +- SE':<16} "
           f"{'sampled SFT -> RL':<18} KL (target)")
     for r in rows:
@@ -106,8 +123,8 @@ def main() -> None:
           f"{rows[0]['heldout_prompts']} held-out prompts")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"runs": rows, "split": args.split, "steps": args.steps, "config": args.config,
-              "overrides": args.overrides, "machine": machine_info(),
+    result = {"runs": rows, "split": args.split, "steps": rows[0]["steps"], "config": args.config,
+              "overrides": args.overrides, "set": args.set, "machine": machine_info(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "rl_quality.json").write_text(json.dumps(result, indent=2))
     print(f"  written to {out / 'rl_quality.json'}")
