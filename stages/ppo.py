@@ -242,6 +242,8 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     else:
         # The logits generate() computed anyway are the actor's logits at the response
         # positions (unprocessed: before temperature): no second actor forward (as TRL does).
+        # They are held for the batch ([B, R, vocab] in the model's dtype), as one forward's
+        # would be.
         out = m.actor.module.generate(
             **enc, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True,
@@ -393,7 +395,6 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
     counts = gold_counts(mine, texts, "gold/accuracy", fams)
     if cfg.data.eval_samples:
         counts |= gold_counts(reps, stexts, "gold/sampled_accuracy", fams)
-    if cfg.data.eval_samples:
         agree, pairs = rm_agreement(reps, stexts, out["rl/sampled_reward"], cfg.data.eval_samples)
         sums |= {"rm_pairs:agree": agree, "rm_pairs:n": pairs}
     total = sum_all({**sums, **counts})
