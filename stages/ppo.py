@@ -152,7 +152,8 @@ def engine(model, cfg: PPOConfig, d: E.Dist, lr: float | None, offload: bool = F
         return deepspeed.initialize(model=model, config=ds_cfg)[0]
     opt = E.adamw(model, cfg.optim.model_copy(update={"lr": lr}), ds_cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ppo_lr_lambda(cfg, d.world))
-    return deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)[0]
+    return E.lone_rank(deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                            config=ds_cfg)[0], d.world)
 
 
 def ppo_lr_lambda(cfg: PPOConfig, world: int):

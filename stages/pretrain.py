@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                          cfg.train.max_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_cfg)
+    E.lone_rank(engine, d.world)
     accum = ds_cfg["gradient_accumulation_steps"]
 
     # --- resume: weights, optimizer, scheduler, step and RNG of the last complete checkpoint --

@@ -284,3 +284,19 @@ def test_rm_agreement_counts_right_wrong_pairs_within_a_prompt():
              "a", "b", "c"]                 # no answer: not counted
     scores = [2.0, 1.0, 0.5,  0, 0, 0,  9, 9, 9]
     assert rm_agreement(recs, texts, scores, 3) == (1, 2)   # 2.0 > 1.0, but 0.5 < 1.0
+
+
+def test_a_lone_rank_without_zero_skips_the_gradient_all_reduce():
+    from stages.engine import lone_rank
+
+    class Eng:
+        enable_backward_allreduce = True
+
+        def __init__(self, stage):
+            self.stage = stage
+
+        def zero_optimization_stage(self):
+            return self.stage
+    assert lone_rank(Eng(0), 1).enable_backward_allreduce is False
+    assert lone_rank(Eng(0), 2).enable_backward_allreduce is True     # other ranks' gradients
+    assert lone_rank(Eng(2), 1).enable_backward_allreduce is True     # ZeRO partitions there
