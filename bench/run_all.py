@@ -2,7 +2,7 @@
 
 pretrain throughput (stage vs bare PyTorch), demo corpus build cold and warm, pretraining data
 at growing sizes (build time and memory, 2 tokenizer workers vs 1), datatrove vs datasets.map,
-PPO throughput
+PPO throughput and, without --quick, PPO and GRPO side by side with TRL's trainers
 (needs demo-sft and demo-rm: run `bash scripts/demo.sh` first, or it is reported as skipped),
 pipeline orchestration overhead and cached rerun, RL quality (also after the demo). --quick uses
 the tiny preset for the pipeline, fewer PPO steps and one seed of two RL runs. Each prints its figures and writes its JSON to bench/results/.
@@ -24,8 +24,11 @@ def main() -> int:
             ("data_scaling", ["--sizes", "1e6", "4e6", "--speedup-size", "4e6"] if quick else []),
             ("tokenize_engines", []),
             ("ppo_throughput", ["--steps", "6"] if quick else []),
+            *([] if quick else [("ppo_throughput", ["--peer", "trl-ppo"]),
+                                ("ppo_throughput", ["--peer", "trl-grpo"])]),
             ("pipeline_overhead", ["--preset", "tiny" if quick else "demo"]),
-            ("rl_quality", ["--seeds", "1", "--only", "gae:rm", "grpo:checker"] if quick else [])]
+            ("rl_quality", ["--seeds", "1", "--only", "gae:rm", "grpo:checker", "--steps", "40"]
+             if quick else ["--jobs", "2", "--set", "grpo:optim.lr=3e-4"])]
     failed = []
     for name, extra in runs:
         print(f"\n=== {name} ===", flush=True)
