@@ -109,7 +109,7 @@ def peer_spec(args, cfg, art, home: str) -> dict:
             "new_tokens": cfg.rollout.max_new_tokens, "epochs": cfg.ppo.epochs,
             "group_size": cfg.ppo.group_size, "lr": cfg.optim.lr, "kl_coef": cfg.kl.coef,
             "temperature": cfg.rollout.temperature, "steps": args.steps,
-            "seed": cfg.run.seed, "cuda": False}
+            "seed": cfg.run.seed}
 
 
 def throughput(args) -> None:

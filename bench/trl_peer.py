@@ -50,11 +50,12 @@ def prompt_texts(spec: dict, tok) -> list[str]:
 
 
 def common_args(spec: dict, out_dir: str) -> dict:
+    import torch
     return dict(output_dir=out_dir, per_device_train_batch_size=spec["minibatch"],
                 learning_rate=spec["lr"], lr_scheduler_type="constant",
                 weight_decay=0.0, temperature=spec["temperature"], seed=spec["seed"],
                 report_to=[], save_strategy="no", logging_steps=1, bf16=False,
-                use_cpu=not spec["cuda"], disable_tqdm=True)
+                use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
 
 
 def run_ppo(spec: dict, tok, texts: list[str], out_dir: str):
