@@ -390,13 +390,14 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
                        for i in range(0, len(reps), mb)]
         out["rl/sampled_reward"] = [r for b in sampled for r in b.raw.tolist()]
         stexts = [t for b in sampled for t in b.texts]
+        oks = [check(p["answer"], t) if "answer" in p else None for p, t in zip(reps, stexts)]
     # Sums over every rank, then means: each figure is over all held-out responses.
     fams = tuple(sorted({p.get("task", "?") for p in prompts if "answer" in p}))
     sums = {f"{k}:sum": sum(v) for k, v in out.items()} | {f"{k}:n": len(v) for k, v in out.items()}
     counts = gold_counts(mine, texts, "gold/accuracy", fams)
     if cfg.data.eval_samples:
         counts |= gold_counts(reps, stexts, "gold/sampled_accuracy", fams)
-        agree, pairs = rm_agreement(reps, stexts, out["rl/sampled_reward"], cfg.data.eval_samples)
+        agree, pairs = rm_agreement(oks, out["rl/sampled_reward"], cfg.data.eval_samples)
         sums |= {"rm_pairs:agree": agree, "rm_pairs:n": pairs}
     total = sum_all({**sums, **counts})
     res = {k: total[f"{k}:sum"] / max(total[f"{k}:n"], 1) for k in out}
@@ -412,7 +413,6 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
                            for p, t in zip(mine, texts)]}
     if cfg.data.eval_samples:
         k = cfg.data.eval_samples
-        oks = [check(p["answer"], t) if "answer" in p else None for p, t in zip(reps, stexts)]
         mine_out["sampled"] = [None if oks[j * k] is None else sum(oks[j * k:(j + 1) * k]) / k
                                for j in range(len(mine))]
     gathered = [None] * d.world
@@ -422,17 +422,17 @@ def evaluate(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist) -> dict:
     return {**dict(sorted(res.items())), "samples": samples, "outcomes": outcomes}
 
 
-def rm_agreement(recs: list[dict], texts: list[str], scores: list[float],
-                 k: int) -> tuple[int, int]:
+def rm_agreement(oks: list[bool | None], scores: list[float], k: int) -> tuple[int, int]:
     """(pairs the RM orders as the checker does, pairs): every right and wrong sampled answer
-    to one prompt (k consecutive samples each). The RM's own held-out accuracy is measured on
+    to one prompt, from the checker's verdicts (None: no answer to check) and the RM's scores
+    of k consecutive samples per prompt. The RM's own held-out accuracy is measured on
     the negatives its data was built with; this is its accuracy on what the policy writes, which
     is what PPO optimizes against and where an RM that cannot tell gets exploited."""
     agree = pairs = 0
-    for j in range(0, len(recs), k):
-        if "answer" not in recs[j]:
+    for j in range(0, len(oks), k):
+        ok = oks[j:j + k]
+        if ok[0] is None:
             continue
-        ok = [check(recs[j]["answer"], t) for t in texts[j:j + k]]
         for a in range(k):
             for b in range(k):
                 if ok[a] and not ok[b]:

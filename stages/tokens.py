@@ -15,7 +15,6 @@ so a rank's memory does not grow with the dataset.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys

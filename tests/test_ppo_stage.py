@@ -278,12 +278,11 @@ def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain)
 
 def test_rm_agreement_counts_right_wrong_pairs_within_a_prompt():
     from stages.ppo import rm_agreement
-    recs = [{"answer": "1 2 3"}] * 3 + [{"answer": "4 5 6"}] * 3 + [{}] * 3
-    texts = ["1 2 3", "1 3 2", "1 2 3",     # two right, one wrong: 2 pairs
-             "4 5 6", "4 5 6", "4 5 6",     # all right: no pair
-             "a", "b", "c"]                 # no answer: not counted
+    oks = [True, False, True,               # two right, one wrong: 2 pairs
+           True, True, True,                # all right: no pair
+           None, None, None]                # no answer: not counted
     scores = [2.0, 1.0, 0.5,  0, 0, 0,  9, 9, 9]
-    assert rm_agreement(recs, texts, scores, 3) == (1, 2)   # 2.0 > 1.0, but 0.5 < 1.0
+    assert rm_agreement(oks, scores, 3) == (1, 2)   # 2.0 > 1.0, but 0.5 < 1.0
 
 
 def test_a_lone_rank_without_zero_skips_the_gradient_all_reduce():
