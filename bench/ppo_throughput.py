@@ -133,6 +133,7 @@ def throughput(args) -> None:
               "rollout_tokens_per_s_median": med("perf/gen_tokens_per_s"),
               "train_tokens_per_s_median": med("perf/train_tokens_per_s"),
               "generation_share_median": med("perf/generation_share"),
+              "rollout_share_median": med("perf/rollout_share"),
               "response_length_median": med("rollout/response_length"), "wall_s": wall,
               "artifact": art.digest}
     print(f"\nppo throughput ({args.config}, {len(rows)} steps measured, "
@@ -143,6 +144,7 @@ def throughput(args) -> None:
     print(f"  PPO update (median)             : {result['train_tokens_per_s_median']:.0f} "
           f"tokens/s")
     print(f"  share of the step generating    : {result['generation_share_median']:.1%}")
+    print(f"  ... and scoring (the rollout)   : {result['rollout_share_median']:.1%}")
     print(f"  response length (median)        : {result['response_length_median']:.1f} tokens")
     save(result, args.out, "ppo_throughput")
 

@@ -56,6 +56,8 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
     assert [r["step"] for r in perf] == [1, 2, 3]
     for k in ("perf/gen_tokens_per_s", "perf/train_tokens_per_s", "perf/generation_share"):
         assert k in perf[0], k
+    # generate() is part of the rollout, which also scores: the shares say which is which.
+    assert 0 < perf[0]["perf/generation_share"] < perf[0]["perf/rollout_share"] < 1
     assert abs(first["rollout/kl"]) < 1e-5   # the actor starts as the reference
     assert "SFT on held-out prompts" in log and "greedy: RM reward" in log   # the headline
     out = subprocess.run([sys.executable, "-c",
@@ -299,3 +301,39 @@ def test_a_lone_rank_without_zero_skips_the_gradient_all_reduce():
     assert lone_rank(Eng(0), 1).enable_backward_allreduce is False
     assert lone_rank(Eng(0), 2).enable_backward_allreduce is True     # other ranks' gradients
     assert lone_rank(Eng(2), 1).enable_backward_allreduce is True     # ZeRO partitions there
+
+
+def test_adamw_takes_the_fused_kernel_on_the_cpu_and_matches_the_reference_update():
+    from stages.config import OptimConfig
+    from stages.engine import adamw
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(4, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = adamw(models[0], cfg)
+    assert fused.defaults["fused"] is True
+    groups = [{"params": [models[1].weight], "weight_decay": 0.1},
+              {"params": [models[1].bias], "weight_decay": 0.0}]
+    plain = torch.optim.AdamW(groups, lr=1e-2, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    x = torch.randn(5, 4)
+    for model, opt in zip(models, (fused, plain)):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_inverse_cdf_sampling_draws_from_the_tempered_softmax_and_never_a_masked_token():
+    from stages.ppo import InverseCDFSampling
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(20000, 1)
+    scores = InverseCDFSampling(0.7)(None, logits)
+    token = scores.argmax(-1)
+    assert torch.isinf(scores).sum(1).eq(4).all()          # exactly one finite score per row
+    freq = torch.bincount(token, minlength=5).double() / len(token)
+    want = torch.softmax(logits[0].double() / 0.7, -1)
+    assert freq[3] == 0
+    # 20000 draws: the binomial SE of each frequency is at most 0.0036; 5 SEs.
+    assert (freq - want).abs().max() < 0.018, (freq, want)
