@@ -16,7 +16,10 @@ it), installed by this script into its own venv (bench/.venvs/trl-1.12, which re
 package from the project's venv); `trl-grpo` is the project's TRL GRPOTrainer. Our side runs the
 matching estimator (gae, or grpo with the KL in the loss as TRL puts it) with --epochs PPO
 epochs; both get the same actor, reward model, training prompts, rollouts per step, new tokens,
-minibatch, group size, learning rate, KL coefficient and temperature, and the same thread count.
+minibatch, group size, learning rate, KL coefficient, temperature and precision (our
+deepspeed.precision; bf16 runs on a CPU with AVX512-BF16 or AMX), and the same thread count. With
+rollout.ignore_eos=true every response on both sides runs to the new-token budget (the peer by
+min_new_tokens), so a "32 new tokens" run generates 32 tokens on both sides, not until EOS.
 The two alternate, --rounds times (the order flips each round, so a machine that drifts is
 shared out), and the figures are medians over rounds of each round's median step. Writes
 bench/results/ppo_vs_<peer>[-<label>]-<device>.json. A script, not a test.
@@ -100,6 +103,7 @@ def run_peer(peer: str, spec: dict, env: dict) -> dict:
 
 def peer_spec(args, cfg, art, home: str) -> dict:
     """What the peer gets: the models and prompts our run resolved, and the shared settings."""
+    from stages.engine import precision
     roles = {p["role"]: p["digest"] for p in art.parents}
     store = Path(home) / "store" / "artifacts"
     return {"peer": args.peer, "actor": str(store / roles["actor"]),
@@ -109,7 +113,8 @@ def peer_spec(args, cfg, art, home: str) -> dict:
             "new_tokens": cfg.rollout.max_new_tokens, "epochs": cfg.ppo.epochs,
             "group_size": cfg.ppo.group_size, "lr": cfg.optim.lr, "kl_coef": cfg.kl.coef,
             "temperature": cfg.rollout.temperature, "steps": args.steps,
-            "seed": cfg.run.seed}
+            "seed": cfg.run.seed, "precision": precision(cfg.deepspeed),
+            "ignore_eos": cfg.rollout.ignore_eos}
 
 
 def throughput(args) -> None:
@@ -153,6 +158,7 @@ def side_by_side(args) -> None:
     from common import save
     from stages.config import PPOConfig
     from stages.configfile import load_config
+    from stages.engine import precision
     home = os.environ.get("ALIGNFLOW_HOME", str(REPO / ".alignflow"))
     grpo = args.peer == "trl-grpo"
     ours_over = [f"ppo.epochs={args.epochs}",
@@ -168,6 +174,7 @@ def side_by_side(args) -> None:
               "minibatch": cfg.ppo.minibatch_size, "group_size": cfg.ppo.group_size if grpo
               else None, "lr": cfg.optim.lr, "kl_coef": cfg.kl.coef,
               "temperature": cfg.rollout.temperature, "threads": int(threads),
+              "precision": precision(cfg.deepspeed), "ignore_eos": cfg.rollout.ignore_eos,
               "steps_per_run": args.steps, "skipped_steps": args.skip}
     rounds = []
     spec = None

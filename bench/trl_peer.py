@@ -6,8 +6,8 @@ project's own TRL).
     python bench/trl_peer.py --spec spec.json --out result.json
 
 The spec holds what both sides share: actor and reward model directories, prompts, rollouts
-per step, new tokens, PPO epochs, minibatch, group size, learning rates, KL coefficient,
-temperature, steps. A "step" is what alignflow calls one: sampling `batch` responses and every
+per step, new tokens (and whether every response runs to them), PPO epochs, minibatch, group
+size, learning rates, KL coefficient, temperature, precision, steps. A "step" is what alignflow calls one: sampling `batch` responses and every
 update made on them, so the times compare directly (TRL's GRPO counts one optimizer update as
 its step: a generation feeds `batch / minibatch` of them).
 """
@@ -54,8 +54,22 @@ def common_args(spec: dict, out_dir: str) -> dict:
     return dict(output_dir=out_dir, per_device_train_batch_size=spec["minibatch"],
                 learning_rate=spec["lr"], lr_scheduler_type="constant",
                 weight_decay=0.0, temperature=spec["temperature"], seed=spec["seed"],
-                report_to=[], save_strategy="no", logging_steps=1, bf16=False,
-                use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+                report_to=[], save_strategy="no", logging_steps=1,
+                bf16=spec["precision"] == "bf16", use_cpu=not torch.cuda.is_available(),
+                disable_tqdm=True)
+
+
+def load(cls, path: str, spec: dict):
+    """A model in the run's precision. bf16: weights loaded in bf16 as well as bf16 autocast
+    (TRL's documented model_init_kwargs dtype=bfloat16 with bf16=True), the fastest way TRL
+    trains in bf16: no fp32 master weights, where ours keep them. ignore_eos: generation runs
+    to the new-token budget, as ours does with rollout.ignore_eos (min_new_tokens on the
+    model's generation config, which both trainers' generation configs inherit)."""
+    model = cls.from_pretrained(path, dtype="bfloat16" if spec["precision"] == "bf16"
+                                else "float32")
+    if spec["ignore_eos"] and getattr(model, "generation_config", None) is not None:
+        model.generation_config.min_new_tokens = spec["new_tokens"]
+    return model
 
 
 def run_ppo(spec: dict, tok, texts: list[str], out_dir: str):
@@ -67,7 +81,6 @@ def run_ppo(spec: dict, tok, texts: list[str], out_dir: str):
     tok.padding_side = "left"
     ds = Dataset.from_dict({"input_ids": [tok(t, add_special_tokens=False)["input_ids"]
                                           for t in texts]})
-    load = lambda cls, p: cls.from_pretrained(p, dtype="float32")  # noqa: E731
     # TRL's rollout batch is per_device x accumulation steps, cut into num_mini_batches; the
     # same minibatches of `minibatch` rollouts as ours (its accumulation counter spans them, so
     # it makes one optimizer update per batch where we make one per minibatch: the same
@@ -82,10 +95,12 @@ def run_ppo(spec: dict, tok, texts: list[str], out_dir: str):
                     missing_eos_penalty=1.0, num_sample_generations=0)
     clock = step_clock()
     trainer = PPOTrainer(args=cfg, processing_class=tok,
-                         model=load(AutoModelForCausalLM, spec["actor"]),
-                         ref_model=load(AutoModelForCausalLM, spec["actor"]),
-                         reward_model=load(AutoModelForSequenceClassification, spec["reward"]),
-                         value_model=load(AutoModelForSequenceClassification, spec["reward"]),
+                         model=load(AutoModelForCausalLM, spec["actor"], spec),
+                         ref_model=load(AutoModelForCausalLM, spec["actor"], spec),
+                         reward_model=load(AutoModelForSequenceClassification, spec["reward"],
+                                           spec),
+                         value_model=load(AutoModelForSequenceClassification, spec["reward"],
+                                          spec),
                          train_dataset=ds, callbacks=[clock])
     trainer.train()
     return clock, 1
@@ -103,11 +118,11 @@ def run_grpo(spec: dict, tok, texts: list[str], out_dir: str):
                      num_generations=spec["group_size"],
                      max_completion_length=spec["new_tokens"], num_iterations=spec["epochs"],
                      beta=spec["kl_coef"], max_steps=spec["steps"] * per_gen * spec["epochs"],
-                     top_k=None, top_p=1.0)
-    rm = AutoModelForSequenceClassification.from_pretrained(spec["reward"], dtype="float32")
+                     top_k=None, top_p=1.0, generation_kwargs={"min_new_tokens": spec[
+                         "new_tokens"]} if spec["ignore_eos"] else None)
+    rm = load(AutoModelForSequenceClassification, spec["reward"], spec)
     clock = step_clock()
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(spec["actor"],
-                                                                      dtype="float32"),
+    trainer = GRPOTrainer(model=load(AutoModelForCausalLM, spec["actor"], spec),
                           reward_funcs=[rm], reward_processing_classes=[tok], args=cfg,
                           train_dataset=Dataset.from_dict({"prompt": texts}),
                           processing_class=tok, callbacks=[clock])

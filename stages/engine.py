@@ -100,13 +100,26 @@ def seed_all(seed: int) -> None:
 
 
 def precision(ds: DeepSpeedConfig) -> str:
-    """The precision this run trains in; bf16/fp16 asked for on a machine without a GPU is a
-    ConfigError naming the setting."""
+    """The precision this run trains in. bf16 asked for on a machine without a GPU runs on a
+    CPU that multiplies bf16 natively; elsewhere bf16, and fp16 anywhere but a GPU, is a
+    ConfigError naming the setting. auto stays fp32 on a CPU: the reference numbers are."""
     if ds.precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if ds.precision == "bf16" and not torch.cuda.is_available():
+        if cpu_bf16():
+            return "bf16"
+        from stages.configfile import ConfigError
+        raise ConfigError("deepspeed.precision=bf16 needs a CUDA GPU or a CPU with AVX512-BF16 "
+                          "or AMX, and this machine has neither; leave it at auto")
     if ds.precision != "fp32":
         need_gpu(f"deepspeed.precision={ds.precision}")
     return ds.precision
+
+
+def cpu_bf16() -> bool:
+    """This CPU multiplies bf16 natively (AVX512-BF16 or AMX): on a two-core AVX512-BF16 VM,
+    340 GFLOP/s in bf16 against 156 in fp32 for a 1168 x 576 x 1536 matmul."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def need_gpu(option: str, package: str | None = None, what: str = "") -> None:

@@ -258,7 +258,8 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     gen_logits = None
     if m.sampler is not None:
         resp = m.sampler.generate(enc, cfg.rollout.max_new_tokens,
-                                  None if greedy else cfg.rollout.temperature, tok)
+                                  None if greedy else cfg.rollout.temperature, tok,
+                                  cfg.rollout.ignore_eos)
     else:
         # The logits generate() computed anyway are the actor's logits at the response
         # positions (unprocessed: before temperature): no second actor forward (as TRL does).
@@ -266,8 +267,8 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
         # would be.
         out = m.actor.module.generate(
             **enc, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True,
-            **sampling)
+            eos_token_id=[] if cfg.rollout.ignore_eos else tok.eos_token_id,
+            output_logits=True, return_dict_in_generate=True, **sampling)
         resp, gen_logits = out.sequences[:, P:], torch.stack(out.logits, 1)
     gen_s = time.time() - t0
     # Everything after the first EOS is padding; the EOS itself is part of the response.

@@ -140,3 +140,18 @@ def test_ppo_settings_that_would_do_nothing_or_train_off_policy_are_refused(over
     from stages.config import PPOConfig
     with pytest.raises(ConfigError, match=message):
         load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml", [override])
+
+
+def test_bf16_on_a_cpu_runs_where_the_cpu_multiplies_bf16_and_is_refused_elsewhere(monkeypatch):
+    import torch
+    from stages import engine
+    from stages.config import DeepSpeedConfig
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(engine, "cpu_bf16", lambda: True)
+    assert engine.precision(DeepSpeedConfig(precision="bf16")) == "bf16"
+    assert engine.precision(DeepSpeedConfig(precision="auto")) == "fp32"  # the reference numbers
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        engine.precision(DeepSpeedConfig(precision="fp16"))
+    monkeypatch.setattr(engine, "cpu_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="bf16 needs a CUDA GPU or a CPU with AVX512-BF16"):
+        engine.precision(DeepSpeedConfig(precision="bf16"))

@@ -276,6 +276,26 @@ def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain)
     assert torch.allclose(b.ref_logp, b.logp, atol=1e-4)      # reference = actor here
     for k in ("logp", "ref_logp", "values", "exact_kl", "raw", "adv"):
         assert torch.allclose(getattr(out[2], k), getattr(b, k), atol=1e-5), k
+    # ignore_eos: every row runs to max_new_tokens, and the responses are what they were. The
+    # tiny model rarely ends on its own: from its fourth token on, it is made to.
+    calls = []
+    eos = m.tok.eos_token_id
+    actor.lm_head.register_forward_hook(
+        lambda mod, args, out: out.index_add_(-1, torch.tensor([eos]), torch.full_like(
+            out[..., :1], 100.0 * (len(calls) > 3))) if not calls.append(1) else None)
+    runs = {}
+    for ignore in ("false", "true"):
+        cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                          [f"rollout.ignore_eos={ignore}", "rollout.max_new_tokens=12",
+                           "ppo.whiten_advantages=false", "deepspeed.num_gpus=1"])
+        torch.manual_seed(0)
+        calls.clear()
+        runs[ignore] = rollout(m, prompts, cfg, d, learn=False)
+    b, full = runs["false"], runs["true"]
+    assert b.resp.shape[1] == 4 and b.mask.sum(1).le(4).all()
+    assert b.resp.shape[1] < cfg.rollout.max_new_tokens == full.resp.shape[1], b.texts
+    assert full.texts == b.texts and torch.equal(full.mask.sum(1), b.mask.sum(1))
+    assert torch.allclose(full.logp[:, :b.resp.shape[1]] * b.mask, b.logp * b.mask, atol=1e-4)
 
 
 def test_rm_agreement_counts_right_wrong_pairs_within_a_prompt():

@@ -117,7 +117,7 @@ def run_module(root: Path, stage: str, *overrides):
     ("sft", "optim_8bit=true", "optim_8bit=true needs a CUDA GPU"),
     ("sft", "weights_8bit=true", "only LoRA adapters can train on them; set lora.enabled=true"),
     ("sft", "weights_8bit=true lora.enabled=true", "weights_8bit=true needs a CUDA GPU"),
-    ("rm", "deepspeed.precision=bf16", "deepspeed.precision=bf16 needs a CUDA GPU"),
+    ("rm", "deepspeed.precision=fp16", "deepspeed.precision=fp16 needs a CUDA GPU"),
     ("ppo", "rollout.engine=vllm", "rollout.engine=vllm needs a CUDA GPU"),
     ("sft", "data.max_length=4096", "above the parent's 128 positions"),
 ])
@@ -176,3 +176,16 @@ def test_killed_trainer_stage_resumes_to_the_same_losses(chain, stage):
     assert sorted(got) == sorted(want) and max(got) == 12
     for step in range(done[-1] + 1, 13):
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "rm", "ppo"])
+def test_every_stage_trains_in_bf16_on_a_cpu_that_multiplies_it(chain, stage):
+    from stages.engine import cpu_bf16
+    if not cpu_bf16():
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX: bf16 is refused here")
+    root = chain[0]
+    out = run_module(root, stage, "deepspeed.precision=bf16", "deepspeed.num_gpus=1",
+                     "train.max_steps=3", f"run.name=bf16-{stage}",
+                     f"run.work_dir={root / 'bf16' / stage}")
+    assert out.returncode == 0, out.stderr[-3000:]
