@@ -173,6 +173,17 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def contiguous_lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head reads a contiguous copy of its input. With logits_to_keep it gets a slice
+    of the hidden states, and torch's CPU linear on a non-contiguous input of a frozen layer
+    (no grad) takes a slow path: on SmolLM2's head (576 x 49152, 16 x 33 positions) 0.99 s
+    against 0.10 in bf16, 0.36 against 0.22 in fp32. The copy is [B, kept, hidden]."""
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, torch.nn.Linear):
+        head.register_forward_pre_hook(lambda mod, args: (args[0].contiguous(), *args[1:]))
+    return model
+
+
 def adamw(model: torch.nn.Module, optim: OptimConfig, ds_cfg: dict | None = None):
     """AdamW; DeepSpeed's CPU Adam when the template offloads optimizer state (DeepSpeed
     refuses a torch optimizer there: it would step on the CPU one tensor at a time)."""

@@ -142,6 +142,7 @@ def engine(model, cfg: PPOConfig, d: E.Dist, lr: float | None, offload: bool = F
     Trained ones follow optim's warmup and cosine floor over the PPO steps."""
     import deepspeed
     E.no_dropout(model)   # the ratio of new to old log-probs must compare like with like
+    E.contiguous_lm_head(model)
     mb = TrainConfig(micro_batch_size=cfg.ppo.minibatch_size,
                      global_batch_size=cfg.ppo.minibatch_size * d.world, max_steps=1)
     ds_cfg = E.deepspeed_config(cfg.deepspeed, mb, cfg.optim, d.world)

@@ -357,3 +357,21 @@ def test_inverse_cdf_sampling_draws_from_the_tempered_softmax_and_never_a_masked
     assert freq[3] == 0
     # 20000 draws: the binomial SE of each frequency is at most 0.0036; 5 SEs.
     assert (freq - want).abs().max() < 0.018, (freq, want)
+
+
+def test_a_frozen_lm_head_reads_a_contiguous_input_and_gives_the_same_logits():
+    from stages.engine import contiguous_lm_head
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 6, bias=False)
+    torch.manual_seed(0)
+    lm = LM().requires_grad_(False)
+    h = torch.randn(2, 5, 4)[:, -3:]              # what logits_to_keep hands the head
+    want = lm.lm_head(h)
+    contiguous_lm_head(lm)
+    seen = []
+    lm.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    torch.testing.assert_close(lm.lm_head(h), want)
+    assert not h.is_contiguous() and seen == [True]
