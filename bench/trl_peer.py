@@ -7,9 +7,10 @@ project's own TRL).
 
 The spec holds what both sides share: actor and reward model directories, prompts, rollouts
 per step, new tokens (and whether every response runs to them), PPO epochs, minibatch, group
-size, learning rates, KL coefficient, temperature, precision, steps. A "step" is what alignflow calls one: sampling `batch` responses and every
-update made on them, so the times compare directly (TRL's GRPO counts one optimizer update as
-its step: a generation feeds `batch / minibatch` of them).
+size, learning rates, KL coefficient, temperature, precision, steps. A "step" is what
+alignflow calls one: sampling `batch` responses and every update made on them, so the times
+compare directly (TRL's GRPO counts one optimizer update as its step: a generation feeds
+`batch / minibatch` of them).
 """
 
 from __future__ import annotations

@@ -253,8 +253,9 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     t0 = time.time()
     # Sampling is a logits processor on top of greedy decoding, so the model's generation_config
     # cannot truncate it (top_k/top_p): PPO scores the tokens under the full distribution.
-    sampling = {"do_sample": False} if greedy else {
-        "do_sample": False, "logits_processor": [InverseCDFSampling(cfg.rollout.temperature)]}
+    sampling = {"do_sample": False, "num_beams": 1} if greedy else {
+        "do_sample": False, "num_beams": 1,
+        "logits_processor": [InverseCDFSampling(cfg.rollout.temperature)]}
     P = enc["input_ids"].shape[1]
     gen_logits = None
     if m.sampler is not None:
