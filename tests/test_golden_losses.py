@@ -3,7 +3,10 @@ computes fails here. tests/data/tiny_losses.json: all four stages re-recorded wi
 shards of issue 17, whose sampler draws documents in a numpy-seeded order (the rows a model
 sees changed on purpose; every later stage starts from that model). Before that: pretrain,
 sft and rm unchanged since the code before the shared skeleton (issue 13), ppo re-recorded
-with the PPO fixes of issue 16. Rewrite it only for a change that means to alter training:
+with the PPO fixes of issue 16, and again when its rollouts began to sample by inverse CDF
+(the same distribution, other draws from the same seed; pretrain, sft and rm, with the fused
+AdamW of the same change, moved by under 1e-7 and were kept). Rewrite it only for a change
+that means to alter training:
 
     ALIGNFLOW_RECORD_LOSSES=1 bash scripts/test.sh tests/test_golden_losses.py
 """
