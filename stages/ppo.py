@@ -253,8 +253,7 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     t0 = time.time()
     # Sampling is a logits processor on top of greedy decoding, so the model's generation_config
     # cannot truncate it (top_k/top_p): PPO scores the tokens under the full distribution.
-    sampling = {"do_sample": False, "num_beams": 1} if greedy else {
-        "do_sample": False, "num_beams": 1,
+    sampling = {} if greedy else {
         "logits_processor": [InverseCDFSampling(cfg.rollout.temperature)]}
     P = enc["input_ids"].shape[1]
     gen_logits = None
@@ -270,7 +269,8 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
         out = m.actor.module.generate(
             **enc, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
             eos_token_id=[] if cfg.rollout.ignore_eos else tok.eos_token_id,
-            output_logits=True, return_dict_in_generate=True, **sampling)
+            do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True,
+            **sampling)
         resp, gen_logits = out.sequences[:, P:], torch.stack(out.logits, 1)
     gen_s = time.time() - t0
     # Everything after the first EOS is padding; the EOS itself is part of the response.
