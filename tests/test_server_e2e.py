@@ -183,11 +183,20 @@ def chromium() -> str | None:
                 None)
 
 
-def rendered(url: str, tmp: Path) -> str:
-    """The page's DOM after its scripts ran, from headless Chromium."""
-    out = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-                          f"--user-data-dir={tmp}", "--virtual-time-budget=20000",
-                          "--dump-dom", url], capture_output=True, text=True, timeout=120)
+def rendered(url: str, tmp: Path, shows=lambda dom: True, tries: int = 3) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium, once it `shows` what is
+    expected. The UI fetches its data after the first paint; on a loaded CI machine those
+    requests can outlast Chromium's virtual time budget, leaving only the page header (seen in
+    CI), so a page that does not show its data yet is loaded again with twice the budget."""
+    budget = 20000
+    for attempt in range(tries):
+        out = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                              f"--user-data-dir={tmp}-{attempt}",
+                              f"--virtual-time-budget={budget}", "--dump-dom", url],
+                             capture_output=True, text=True, timeout=180)
+        if shows(out.stdout):
+            break
+        budget *= 2
     return out.stdout
 
 
@@ -196,24 +205,28 @@ def rendered(url: str, tmp: Path) -> str:
 def test_the_ui_renders_the_run_form_and_a_lineage_artifact(served, tmp_path):
     http, ids, store, store_root, root = served
     ui = str(http.base_url).rstrip("/").removesuffix("/api")
-    form = rendered(f"{ui}/deployments/deployment/{ids['alignment-pipeline/pipeline-tiny']}"
-                    f"/run", tmp_path / "a")
     # Field values live in the inputs' DOM properties, which --dump-dom does not serialize;
     # the labels and descriptions of our parameter models show the form was built from them.
-    for text in ("From Stage", "Stage config YAML under configs/ of the alignflow checkout",
-                 "Relaunch a failed stage", "Empty to stop after SFT"):
+    labels = ("From Stage", "Stage config YAML under configs/ of the alignflow checkout",
+              "Relaunch a failed stage", "Empty to stop after SFT")
+    form = rendered(f"{ui}/deployments/deployment/{ids['alignment-pipeline/pipeline-tiny']}"
+                    f"/run", tmp_path / "a", shows=lambda dom: all(t in dom for t in labels))
+    for text in labels:
         assert text in form, f"{text!r} not in the Run form: {form[-2000:]}"
     if not store.versions("tiny-ppo"):
         pytest.skip("needs the pipeline run of test_run_from_the_api_then_cached_rerun")
     # The key's page is the timeline of its versions; one version's page renders its markdown.
     versions = http.post("/artifacts/filter", json={
         "artifacts": {"key": {"any_": ["tiny-ppo-lineage"]}}}).json()
-    timeline = rendered(f"{ui}/artifacts/key/tiny-ppo-lineage", tmp_path / "b")
+    timeline = rendered(f"{ui}/artifacts/key/tiny-ppo-lineage", tmp_path / "b",
+                        shows=lambda dom: any(v["id"][:8] in dom for v in versions))
     assert any(v["id"][:8] in timeline for v in versions), (
         [v["id"] for v in versions], re.sub(r"<[^>]+>", " ", timeline)[-2000:])
     latest = max(versions, key=lambda v: v["created"])
-    page = rendered(f"{ui}/artifacts/artifact/{latest['id']}", tmp_path / "c")
-    assert store.get("tiny-ppo@latest").short in page, page[-2000:]
+    short = store.get("tiny-ppo@latest").short
+    page = rendered(f"{ui}/artifacts/artifact/{latest['id']}", tmp_path / "c",
+                    shows=lambda dom: short in dom)
+    assert short in page, page[-2000:]
     assert "flowchart BT" in page      # the Mermaid source of the lineage graph
 
 
