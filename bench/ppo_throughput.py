@@ -18,8 +18,9 @@ matching estimator (gae, or grpo with the KL in the loss as TRL puts it) with --
 epochs; both get the same actor, reward model, training prompts, rollouts per step, new tokens,
 minibatch, group size, learning rate, KL coefficient, temperature and precision (our
 deepspeed.precision; bf16 runs on a CPU with AVX512-BF16 or AMX), and the same thread count. With
-rollout.ignore_eos=true every response on both sides runs to the new-token budget (the peer by
-min_new_tokens), so a "32 new tokens" run generates 32 tokens on both sides, not until EOS.
+rollout.min_new_tokens=N no response on either side ends before N tokens (the peer by
+min_new_tokens too), so a "32 new tokens" run with N = 32 generates and trains on 32 tokens a
+response on both sides, not until an early EOS.
 The two alternate, --rounds times (the order flips each round, so a machine that drifts is
 shared out), and the figures are medians over rounds of each round's median step. Writes
 bench/results/ppo_vs_<peer>[-<label>]-<device>.json. A script, not a test.
@@ -114,7 +115,7 @@ def peer_spec(args, cfg, art, home: str) -> dict:
             "group_size": cfg.ppo.group_size, "lr": cfg.optim.lr, "kl_coef": cfg.kl.coef,
             "temperature": cfg.rollout.temperature, "steps": args.steps,
             "seed": cfg.run.seed, "precision": precision(cfg.deepspeed),
-            "ignore_eos": cfg.rollout.ignore_eos}
+            "min_new_tokens": cfg.rollout.min_new_tokens}
 
 
 def throughput(args) -> None:
@@ -174,7 +175,8 @@ def side_by_side(args) -> None:
               "minibatch": cfg.ppo.minibatch_size, "group_size": cfg.ppo.group_size if grpo
               else None, "lr": cfg.optim.lr, "kl_coef": cfg.kl.coef,
               "temperature": cfg.rollout.temperature, "threads": int(threads),
-              "precision": precision(cfg.deepspeed), "ignore_eos": cfg.rollout.ignore_eos,
+              "precision": precision(cfg.deepspeed),
+              "min_new_tokens": cfg.rollout.min_new_tokens,
               "steps_per_run": args.steps, "skipped_steps": args.skip}
     rounds = []
     spec = None

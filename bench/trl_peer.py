@@ -63,13 +63,13 @@ def common_args(spec: dict, out_dir: str) -> dict:
 def load(cls, path: str, spec: dict):
     """A model in the run's precision. bf16: weights loaded in bf16 as well as bf16 autocast
     (TRL's documented model_init_kwargs dtype=bfloat16 with bf16=True), the fastest way TRL
-    trains in bf16: no fp32 master weights, where ours keep them. ignore_eos: generation runs
-    to the new-token budget, as ours does with rollout.ignore_eos (min_new_tokens on the
-    model's generation config, which both trainers' generation configs inherit)."""
+    trains in bf16: no fp32 master weights, where ours keep them. min_new_tokens: no EOS
+    before it, as ours with rollout.min_new_tokens (set on the model's generation config,
+    which both trainers' generation configs inherit)."""
     model = cls.from_pretrained(path, dtype="bfloat16" if spec["precision"] == "bf16"
                                 else "float32")
-    if spec["ignore_eos"] and getattr(model, "generation_config", None) is not None:
-        model.generation_config.min_new_tokens = spec["new_tokens"]
+    if spec["min_new_tokens"] and getattr(model, "generation_config", None) is not None:
+        model.generation_config.min_new_tokens = spec["min_new_tokens"]
     return model
 
 
@@ -120,7 +120,7 @@ def run_grpo(spec: dict, tok, texts: list[str], out_dir: str):
                      max_completion_length=spec["new_tokens"], num_iterations=spec["epochs"],
                      beta=spec["kl_coef"], max_steps=spec["steps"] * per_gen * spec["epochs"],
                      top_k=None, top_p=1.0, generation_kwargs={"min_new_tokens": spec[
-                         "new_tokens"]} if spec["ignore_eos"] else None)
+                         "min_new_tokens"]} if spec["min_new_tokens"] else None)
     rm = load(AutoModelForSequenceClassification, spec["reward"], spec)
     clock = step_clock()
     trainer = GRPOTrainer(model=load(AutoModelForCausalLM, spec["actor"], spec),

@@ -49,7 +49,8 @@ from stages.artifacts import ArtifactStore, write_durable
 from stages.config import PPOConfig, TrainConfig
 from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
-from stages.model import chat_prompt, decode_responses, load_tokenizer, parent_model, rm_scores
+from stages.model import (chat_prompt, decode_responses, forward_overhead, length_groups,
+                          load_tokenizer, parent_model, rm_scores)
 from stages.tasks import (accuracies, accuracy_change, check, gold_counts, heldout_split,
                           mcnemar_p, paired_change)
 
@@ -181,6 +182,48 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@dataclass
+class Group:
+    """Rows of a batch that run in one forward, cut to the columns they need: the group's
+    longest prompt (prompts are left-padded) and longest response (right-padded)."""
+    rows: torch.Tensor          # [G] indices into the batch
+    seq: torch.Tensor           # [G, P+R]
+    attn: torch.Tensor
+    pos: torch.Tensor
+    P: int
+    R: int
+
+    def fwd(self) -> dict:
+        return dict(input_ids=self.seq, attention_mask=self.attn, position_ids=self.pos)
+
+
+def groups(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, P: int,
+           mask: torch.Tensor, max_rows: int, overhead: float) -> list[Group]:
+    """A batch's forwards: rows of similar length together (model.length_groups), so a few long
+    responses do not make every row compute their padding."""
+    plen = attn[:, :P].sum(1).tolist()
+    rlen = mask.sum(1).long().clamp(min=1).tolist()
+    out = []
+    for g in length_groups(list(zip(plen, rlen)), max_rows, overhead):
+        p, r = max(plen[i] for i in g), max(rlen[i] for i in g)
+        rows, cols = torch.tensor(g, device=seq.device), slice(P - p, P + r)
+        out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r))
+    return out
+
+
+def ungroup(parts: list[torch.Tensor], gs: list[Group], width: int) -> torch.Tensor:
+    """Per-group results ([G] or [G, R_g]) back into one tensor in batch order, [B] or
+    [B, width], zero past each group's columns."""
+    out = torch.cat([x if x.dim() == 1 else
+                     torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in parts])
+    return out[torch.argsort(torch.cat([g.rows for g in gs]))]
+
+
+def overhead_of(cfg: PPOConfig, d: E.Dist) -> float:
+    o = cfg.ppo.forward_overhead_tokens
+    return forward_overhead(d.device) if o is None else o
+
+
 # --- one PPO step -------------------------------------------------------------------------
 
 @dataclass
@@ -260,7 +303,7 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     if m.sampler is not None:
         resp = m.sampler.generate(enc, cfg.rollout.max_new_tokens,
                                   None if greedy else cfg.rollout.temperature, tok,
-                                  cfg.rollout.ignore_eos)
+                                  cfg.rollout.min_new_tokens)
     else:
         # The logits generate() computed anyway are the actor's logits at the response
         # positions (unprocessed: before temperature): no second actor forward (as TRL does).
@@ -268,9 +311,9 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
         # would be.
         out = m.actor.module.generate(
             **enc, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
-            eos_token_id=[] if cfg.rollout.ignore_eos else tok.eos_token_id,
-            do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True,
-            **sampling)
+            eos_token_id=tok.eos_token_id, min_new_tokens=cfg.rollout.min_new_tokens,
+            do_sample=False, num_beams=1,
+            output_logits=True, return_dict_in_generate=True, **sampling)
         resp, gen_logits = out.sequences[:, P:], torch.stack(out.logits, 1)
     gen_s = time.time() - t0
     # Everything after the first EOS is padding; the EOS itself is part of the response.
@@ -284,24 +327,24 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     pos = positions(attn)
     temp = 1.0 if greedy else cfg.rollout.temperature
     # Scoring forwards in micro-batches (a rollout batch may be far larger than what fits in
-    # one forward), logits at the response positions only.
-    mb, keep = cfg.train.micro_batch_size, resp.shape[1] + 1
+    # one forward) of rows of similar length, logits at the response positions only.
+    mb, overhead, R = cfg.train.micro_batch_size, overhead_of(cfg, d), resp.shape[1]
+    gs = groups(seq, attn, pos, P, mask, mb, overhead)
     logp, ref_logp, exact_kl, values = [], [], [], []
-    for i in range(0, len(seq), mb):
-        s = slice(i, i + mb)
-        fwd = dict(input_ids=seq[s], attention_mask=attn[s], position_ids=pos[s])
-        logits = gen_logits[s] if gen_logits is not None else \
-            m.actor(**fwd, logits_to_keep=keep).logits[:, :-1]
-        ref_logits = m.ref(**fwd, logits_to_keep=keep).logits[:, :-1]
-        logp.append(L.token_logprobs(logits, resp[s], temp))
-        ref_logp.append(L.token_logprobs(ref_logits, resp[s], temp))
-        exact_kl.append((L.exact_kl(logits, ref_logits) * mask[s]).sum(1))
+    for g in gs:
+        r, msk = resp[g.rows, :g.R], mask[g.rows, :g.R]
+        logits = gen_logits[g.rows, :g.R] if gen_logits is not None else \
+            m.actor(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
+        ref_logits = m.ref(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
+        logp.append(L.token_logprobs(logits, r, temp) * msk)
+        ref_logp.append(L.token_logprobs(ref_logits, r, temp) * msk)
+        exact_kl.append((L.exact_kl(logits, ref_logits) * msk).sum(1))
         if learn and m.critic is not None:
-            values.append(m.critic(**fwd)[:, P - 1:-1] * mask[s])
-    logp, ref_logp, exact_kl = torch.cat(logp), torch.cat(ref_logp), torch.cat(exact_kl)
+            values.append(m.critic(**g.fwd())[:, g.P - 1:-1] * msk)
+    logp, ref_logp, exact_kl = (ungroup(x, gs, R) for x in (logp, ref_logp, exact_kl))
     texts, _ = decode_responses(tok, resp)
     raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=mb,
-                    device=d.device)
+                    device=d.device, overhead=overhead)
     gold = [check(p["answer"], t) for p, t in zip(prompts, texts) if "answer" in p]
     if cfg.ppo.reward_source == "checker":
         norm = torch.tensor(gold, dtype=torch.float32, device=d.device) * 2 - 1
@@ -310,7 +353,7 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
             -cfg.ppo.reward_clip, cfg.ppo.reward_clip)
     norm = norm - cfg.rollout.missing_eos_penalty * (~ended).float()
     kl = L.kl_estimate(logp, ref_logp, cfg.kl.estimator) * mask
-    values = torch.cat(values) if values else torch.zeros_like(mask)
+    values = ungroup(values, gs, R) if values else torch.zeros_like(mask)
     adv = returns = torch.zeros_like(mask)
     beta = m.kl_ctl.beta if cfg.kl.placement == "reward" else 0.0
     if learn and m.critic is not None:     # gae
@@ -326,20 +369,30 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
                    raw, norm, kl.sum(1), exact_kl, ended.float(), gold, gen_s)
 
 
-def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) -> dict:
-    n, mb, P = b.seq.shape[0], cfg.ppo.minibatch_size, b.P
+def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator,
+               overhead: float) -> dict:
+    n, mb, R, temp = b.seq.shape[0], cfg.ppo.minibatch_size, b.resp.shape[1], \
+        cfg.rollout.temperature
     acc: dict[str, list] = {}
     for _ in range(cfg.ppo.epochs):
         for idx in np.split(rng.permutation(n), n // mb):
             i = torch.as_tensor(idx)
-            seq, attn, pos, mask = b.seq[i], b.attn[i], b.pos[i], b.mask[i]
-            logits = m.actor(input_ids=seq, attention_mask=attn, position_ids=pos,
-                             logits_to_keep=b.resp.shape[1] + 1).logits[:, :-1]
-            logp = L.token_logprobs(logits, b.resp[i], cfg.rollout.temperature)
+            mask, resp = b.mask[i], b.resp[i]
+            # One minibatch, one optimizer step; its rows may run in several forwards of
+            # similar lengths, their losses summed into one backward.
+            gs = groups(b.seq[i], b.attn[i], b.pos[i], b.P, mask, mb, overhead)
+            logp, ent = [], []
+            for g in gs:
+                logits = m.actor(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
+                logp.append(L.token_logprobs(logits, resp[g.rows, :g.R], temp))
+                with torch.no_grad():
+                    ent.append(L.entropy(logits))
+            logp = ungroup(logp, gs, R) * mask
             pg_loss, pg = L.policy_loss(logp, b.logp[i], b.adv[i], mask, cfg.ppo.clip_range,
                                         cfg.ppo.loss_agg, cfg.rollout.max_new_tokens)
             stats = {"loss/policy": pg_loss.item(), "policy/clipfrac": pg["clipfrac"],
-                     "policy/approx_kl": pg["approx_kl"]}
+                     "policy/approx_kl": pg["approx_kl"],
+                     "policy/entropy": L.masked_mean(ungroup(ent, gs, R), mask).item()}
             loss = pg_loss
             if cfg.kl.placement == "loss":     # k3: non-negative, and unbiased as a loss term
                 kl = L.masked_mean(L.kl_estimate(logp, b.ref_logp[i], "k3"), mask)
@@ -348,15 +401,13 @@ def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) 
             m.actor.backward(loss)
             m.actor.step()
             if m.critic is not None:
-                values = m.critic(seq, attn, pos)[:, P - 1:-1]
+                values = ungroup([m.critic(**g.fwd())[:, g.P - 1:-1] for g in gs], gs, R)
                 vf_loss, vf = L.value_loss(values, b.values[i], b.returns[i], mask,
                                            cfg.ppo.value_clip_range)
                 m.critic.backward(vf_loss)
                 m.critic.step()
                 stats.update({"loss/value": vf_loss.item(),
                               "critic/clipfrac": vf["value_clipfrac"]})
-            with torch.no_grad():
-                stats["policy/entropy"] = L.masked_mean(L.entropy(logits), mask).item()
             for k, v in stats.items():
                 acc.setdefault(k, []).append(v)
     return {k: float(np.mean(v)) for k, v in acc.items()}
@@ -642,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = rollout(m, chunk, cfg, d)
         train_mode(m, True)
         t_rollout = time.time() - t0
-        upd = ppo_epochs(m, batch, cfg, rng)
+        upd = ppo_epochs(m, batch, cfg, rng, overhead_of(cfg, d))
         if sampler is not None:
             sampler.load(actor.module)
         mask = batch.mask

@@ -26,15 +26,15 @@ class VLLMSampler:
                        distributed_executor_backend="external_launcher")
 
     def generate(self, enc, max_new_tokens: int, temperature: float | None, tok,
-                 ignore_eos: bool = False) -> torch.Tensor:
+                 min_new_tokens: int = 0) -> torch.Tensor:
         """Responses to the left-padded prompts in `enc`, as a [B, R] tensor padded with
         tok.pad_token_id after the EOS (what HF generate returns past the prompt).
-        temperature None: greedy. ignore_eos: every row runs to max_new_tokens."""
+        temperature None: greedy. min_new_tokens: no EOS before that many tokens."""
         from vllm import SamplingParams
         # top_p=1 and no top_k: PPO scores tokens under the full distribution (config._on_policy).
         params = SamplingParams(temperature=temperature or 0.0, top_p=1.0,
-                                max_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                                stop_token_ids=[] if ignore_eos else [tok.eos_token_id])
+                                max_tokens=max_new_tokens, min_tokens=min_new_tokens,
+                                stop_token_ids=[tok.eos_token_id])
         prompts = [{"prompt_token_ids": ids[m.bool()].tolist()}
                    for ids, m in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu())]
         outs = self.llm.generate(prompts, params, use_tqdm=False)

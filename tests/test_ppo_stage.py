@@ -241,6 +241,28 @@ class _Engine:
         return self.module(*args, **kw)
 
 
+class _EndsEarly:
+    """An actor whose row i ends its response after i % 4 + 1 tokens, so rows differ in
+    length (the tiny model rarely ends on its own): generate() gains a logits processor; the
+    logits it returns, and every forward, are the model's own."""
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kw):
+        return self.model(*args, **kw)
+
+    def generate(self, **kw):
+        P, eos = kw["input_ids"].shape[1], kw["eos_token_id"]
+
+        def end(ids, scores):
+            rows = torch.arange(len(ids)) % 4 == ids.shape[1] - P
+            scores[rows] = float("-inf")
+            scores[rows, eos] = 0.0
+            return scores
+        return self.model.generate(**{**kw, "logits_processor": [
+            *kw.get("logits_processor", []), end]})
+
+
 def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain):
     # The log-probs kept at rollout come from generate()'s own logits (no second forward); they
     # must be what a forward of the sampled sequences gives, or the first PPO ratio is not 1.
@@ -249,53 +271,120 @@ def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain)
     import stages.losses as L
     from stages.engine import Dist
     from stages.model import load_tokenizer
+    from dataclasses import replace
     from stages.ppo import Critic, Models, rollout
     _, store, _, _ = chain
     sft, rm = (store.get(store.resolve(f"tiny-{s}@latest")) for s in ("sft", "rm"))
     actor = AutoModelForCausalLM.from_pretrained(sft.local_path()).eval()
     reward = AutoModelForSequenceClassification.from_pretrained(rm.local_path()).eval()
-    m = Models(_Engine(actor), _Engine(Critic(reward)), _Engine(actor), _Engine(reward),
-               load_tokenizer(sft.local_path()), {"reward_mean": 0.0, "reward_std": 1.0},
-               L.KLController(0.05, False, 2.0, 10000))
+    m = Models(_Engine(_EndsEarly(actor)), _Engine(Critic(reward)), _Engine(actor),
+               _Engine(reward), load_tokenizer(sft.local_path()),
+               {"reward_mean": 0.0, "reward_std": 1.0}, L.KLController(0.05, False, 2.0, 10000))
     prompts = [{"prompt": f"Sort in ascending order: {a} {b} {c}"}
                for a, b, c in ((3, 1, 2), (9, 4, 7), (5, 0, 8), (6, 2, 1), (7, 3, 9), (1, 8, 0))]
     d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     out = {}
-    for mb in (8, 2):        # one forward, and three
+    # One forward; three; and forwards by response length (no overhead: a group per length).
+    for mb, overhead in ((8, 10**9), (2, 10**9), (8, 0)):
         cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
                           [f"train.micro_batch_size={mb}", "ppo.whiten_advantages=false",
-                           "deepspeed.num_gpus=1"])
+                           "deepspeed.num_gpus=1", f"ppo.forward_overhead_tokens={overhead}"])
         torch.manual_seed(0)
-        out[mb] = rollout(m, prompts, cfg, d)
-    b = out[8]
+        out[mb, overhead] = rollout(m, prompts, cfg, d)
+    b = out[8, 10**9]
     with torch.no_grad():
         logits = actor(input_ids=b.seq, attention_mask=b.attn, position_ids=b.pos).logits
     fresh = L.token_logprobs(logits[:, b.P - 1:-1], b.resp, cfg.rollout.temperature)
     assert b.mask.sum() > len(prompts)                       # responses of more than one token
     assert torch.allclose(b.logp * b.mask, fresh * b.mask, atol=1e-4)
     assert torch.allclose(b.ref_logp, b.logp, atol=1e-4)      # reference = actor here
+    assert b.mask.sum(1).unique().numel() > 1                 # responses of several lengths
     for k in ("logp", "ref_logp", "values", "exact_kl", "raw", "adv"):
-        assert torch.allclose(getattr(out[2], k), getattr(b, k), atol=1e-5), k
-    # ignore_eos: every row runs to max_new_tokens, and the responses are what they were. The
-    # tiny model rarely ends on its own: from its fourth token on, it is made to.
+        for other in (out[2, 10**9], out[8, 0]):
+            assert torch.allclose(getattr(other, k), getattr(b, k), atol=1e-5), k
+    # min_new_tokens: no EOS before it, so every row runs that long. The tiny model rarely ends
+    # on its own: from its fourth token on, it is made to.
     calls = []
     eos = m.tok.eos_token_id
     actor.lm_head.register_forward_hook(
         lambda mod, args, out: out.index_add_(-1, torch.tensor([eos]), torch.full_like(
             out[..., :1], 100.0 * (len(calls) > 3))) if not calls.append(1) else None)
+    m = replace(m, actor=_Engine(actor))
     runs = {}
-    for ignore in ("false", "true"):
+    for least in (0, 12):
         cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
-                          [f"rollout.ignore_eos={ignore}", "rollout.max_new_tokens=12",
+                          [f"rollout.min_new_tokens={least}", "rollout.max_new_tokens=12",
                            "ppo.whiten_advantages=false", "deepspeed.num_gpus=1"])
         torch.manual_seed(0)
         calls.clear()
-        runs[ignore] = rollout(m, prompts, cfg, d, learn=False)
-    b, full = runs["false"], runs["true"]
-    assert b.resp.shape[1] == 4 and b.mask.sum(1).le(4).all()
-    assert b.resp.shape[1] < cfg.rollout.max_new_tokens == full.resp.shape[1], b.texts
-    assert full.texts == b.texts and torch.equal(full.mask.sum(1), b.mask.sum(1))
-    assert torch.allclose(full.logp[:, :b.resp.shape[1]] * b.mask, b.logp * b.mask, atol=1e-4)
+        runs[least] = rollout(m, prompts, cfg, d, learn=False)
+    b, full = runs[0], runs[12]
+    assert b.resp.shape[1] == 4 and b.mask.sum(1).le(4).all() and b.ended.all()
+    assert full.resp.shape[1] == 12 and full.mask.eq(1).all(), full.texts
+    assert not full.resp.eq(eos).any() and not full.ended.any()
+    # The log-probs are the full distribution's (EOS included), not the constrained one's.
+    assert full.logp[:, 3:].lt(-50).all() and full.logp[:, :3].gt(-50).all()
+
+
+class _Trained(_Engine):
+    """A DeepSpeed engine's backward() and step(), by plain SGD."""
+    def __init__(self, model):
+        super().__init__(model)
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad()
+
+
+def test_ppo_epochs_in_length_groups_take_the_step_one_padded_forward_takes(chain):
+    # A minibatch may run in several forwards of rows of similar length, their losses summed
+    # into one backward: the update must be the one a single padded forward gives.
+    import copy
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import stages.losses as L
+    from stages.engine import Dist
+    from stages.model import load_tokenizer
+    from stages.ppo import Critic, Models, groups, ppo_epochs, rollout
+    _, store, _, _ = chain
+    sft, rm = (store.get(store.resolve(f"tiny-{s}@latest")) for s in ("sft", "rm"))
+    actor = AutoModelForCausalLM.from_pretrained(sft.local_path()).eval()
+    reward = AutoModelForSequenceClassification.from_pretrained(rm.local_path()).eval()
+    tok = load_tokenizer(sft.local_path())
+    cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                      ["ppo.minibatch_size=4", "ppo.epochs=2", "deepspeed.num_gpus=1",
+                       "kl.placement=loss", "ppo.whiten_advantages=false"])
+    m = Models(_Engine(_EndsEarly(actor)), _Engine(Critic(reward)), _Engine(actor),
+               _Engine(reward), tok, {"reward_mean": 0.0, "reward_std": 1.0},
+               L.KLController(0.05, False, 2.0, 10000))
+    prompts = [{"prompt": f"Sort in ascending order: {a} {b} {c}"}
+               for a, b, c in ((3, 1, 2), (9, 4, 7), (5, 0, 8), (6, 2, 1), (7, 3, 9), (1, 8, 0),
+                               (4, 4, 1), (2, 9, 5))]
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    b = rollout(m, prompts, cfg, d)
+    assert len(groups(b.seq, b.attn, b.pos, b.P, b.mask, 4, 0)) > 2     # lengths differ
+    stats, params = {}, {}
+    for overhead in (10**9, 0):
+        a, c = copy.deepcopy(actor).train(), copy.deepcopy(Critic(reward)).train()
+        m = Models(_Trained(a), _Trained(c), _Engine(actor), _Engine(reward), tok,
+                   {"reward_mean": 0.0, "reward_std": 1.0},
+                   L.KLController(0.05, False, 2.0, 10000))
+        stats[overhead] = ppo_epochs(m, b, cfg, np.random.default_rng(0), overhead)
+        params[overhead] = [p.detach() for p in (*a.parameters(), *c.parameters())]
+    assert stats[0].keys() == stats[10**9].keys()
+    for k, v in stats[0].items():
+        # critic/clipfrac counts ties: old + (v - old) rounds to either side of v, so it moves
+        # with the last bit of a value; the loss and its gradient do not.
+        if k != "critic/clipfrac":
+            assert v == pytest.approx(stats[10**9][k], rel=1e-4, abs=1e-6), k
+    moved = [(p - q).abs().max().item() for p, q in zip(params[0], params[10**9])]
+    assert max(moved) < 1e-6
+    assert any(not torch.equal(p, q) for p, q in zip(params[0], actor.parameters()))
 
 
 def test_rm_agreement_counts_right_wrong_pairs_within_a_prompt():
