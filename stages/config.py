@@ -349,8 +349,8 @@ class PPOAlgoConfig(Strict):
         None, ge=0, description="What one forward costs beyond its tokens, in tokens: rollout "
         "scoring and training forwards run over groups of rows of similar length, each padded "
         "only to its own longest prompt and response, split where the padding saved outweighs "
-        "the extra forwards. None: 64 on a CPU (SmolLM2-135M, 2 cores: 77 ms fixed, 1.5 ms a "
-        "token), 4096 on a GPU (an estimate: launches dominate small forwards there).")
+        "the extra forwards. None: timed on the actor at the start (SmolLM2-135M on 2 CPU "
+        "cores: ~50). Under ZeRO-3 on several ranks, as few forwards as the rows allow.")
     vf_coef: float | None = Field(None, description="Refused when set: the critic is its own "
                                   "engine with its own Adam, which a loss scale does not change.")
 

@@ -49,8 +49,8 @@ from stages.artifacts import ArtifactStore, write_durable
 from stages.config import PPOConfig, TrainConfig
 from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
-from stages.model import (chat_prompt, decode_responses, forward_overhead, length_groups,
-                          load_tokenizer, parent_model, rm_scores)
+from stages.model import (chat_prompt, decode_responses, length_groups, load_tokenizer,
+                          parent_model, rm_scores)
 from stages.tasks import (accuracies, accuracy_change, check, gold_counts, heldout_split,
                           mcnemar_p, paired_change)
 
@@ -219,9 +219,39 @@ def ungroup(parts: list[torch.Tensor], gs: list[Group], width: int) -> torch.Ten
     return out[torch.argsort(torch.cat([g.rows for g in gs]))]
 
 
-def overhead_of(cfg: PPOConfig, d: E.Dist) -> float:
-    o = cfg.ppo.forward_overhead_tokens
-    return forward_overhead(d.device) if o is None else o
+@torch.no_grad()
+def measured_overhead(model, device: torch.device, rows: int) -> float:
+    """What one forward of `model` costs beyond its tokens, in tokens, timed here: a 1-row,
+    8-token forward's time over the per-token time of a rows x 64 one (each the best of three,
+    after a warm-up). SmolLM2-135M on 2 CPU cores: ~50; the demo model: ~110; on a GPU small
+    forwards are all launch overhead, so it is far larger there."""
+    def best(b: int, n: int) -> float:
+        x = torch.ones(b, n, dtype=torch.long, device=device)
+        times = []
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=x, logits_to_keep=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    best(1, 8)
+    small, big = best(1, 8), best(rows, 64)
+    per_token = max(big - small, 1e-9) / (rows * 64 - 8)
+    return float(min(max(small / per_token - 8, 8), 1 << 16))
+
+
+def forward_cost(m: "Models", cfg: PPOConfig, d: E.Dist) -> tuple[float, str]:
+    """The overhead length_groups weighs padding against, and where it came from."""
+    if d.world > 1 and m.actor.zero_optimization_stage() == 3:
+        # ZeRO-3 gathers each layer's weights collectively: every rank must run as many
+        # forwards as the others, so as few as the rows allow (ceil(rows / micro-batch)).
+        return 1e12, "ZeRO-3: fewest forwards"
+    if cfg.ppo.forward_overhead_tokens is not None:
+        return cfg.ppo.forward_overhead_tokens, "configured"
+    return measured_overhead(m.actor, d.device, min(cfg.train.micro_batch_size, 8)), "measured"
 
 
 # --- one PPO step -------------------------------------------------------------------------
@@ -237,6 +267,7 @@ class Models:
     stats: dict                 # the RM's reward_mean and reward_std, to normalize with
     kl_ctl: L.KLController
     sampler: Any = None         # rollout.engine=vllm: the VLLMSampler; None: actor.generate()
+    overhead: float = 64.0      # a forward's cost beyond its tokens, in tokens (forward_cost)
 
 
 @dataclass
@@ -328,8 +359,8 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     temp = 1.0 if greedy else cfg.rollout.temperature
     # Scoring forwards in micro-batches (a rollout batch may be far larger than what fits in
     # one forward) of rows of similar length, logits at the response positions only.
-    mb, overhead, R = cfg.train.micro_batch_size, overhead_of(cfg, d), resp.shape[1]
-    gs = groups(seq, attn, pos, P, mask, mb, overhead)
+    mb, R = cfg.train.micro_batch_size, resp.shape[1]
+    gs = groups(seq, attn, pos, P, mask, mb, m.overhead)
     logp, ref_logp, exact_kl, values = [], [], [], []
     for g in gs:
         r, msk = resp[g.rows, :g.R], mask[g.rows, :g.R]
@@ -344,7 +375,7 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     logp, ref_logp, exact_kl = (ungroup(x, gs, R) for x in (logp, ref_logp, exact_kl))
     texts, _ = decode_responses(tok, resp)
     raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=mb,
-                    device=d.device, overhead=overhead)
+                    device=d.device, overhead=m.overhead)
     gold = [check(p["answer"], t) for p, t in zip(prompts, texts) if "answer" in p]
     if cfg.ppo.reward_source == "checker":
         norm = torch.tensor(gold, dtype=torch.float32, device=d.device) * 2 - 1
@@ -369,8 +400,7 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
                    raw, norm, kl.sum(1), exact_kl, ended.float(), gold, gen_s)
 
 
-def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator,
-               overhead: float) -> dict:
+def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) -> dict:
     n, mb, R, temp = b.seq.shape[0], cfg.ppo.minibatch_size, b.resp.shape[1], \
         cfg.rollout.temperature
     acc: dict[str, list] = {}
@@ -380,7 +410,7 @@ def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator,
             mask, resp = b.mask[i], b.resp[i]
             # One minibatch, one optimizer step; its rows may run in several forwards of
             # similar lengths, their losses summed into one backward.
-            gs = groups(b.seq[i], b.attn[i], b.pos[i], b.P, mask, mb, overhead)
+            gs = groups(b.seq[i], b.attn[i], b.pos[i], b.P, mask, mb, m.overhead)
             logp, ent = [], []
             for g in gs:
                 logits = m.actor(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
@@ -646,6 +676,9 @@ def main(argv: list[str] | None = None) -> None:
     m = Models(actor, critic, ref, reward, tok, stats,
                L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon),
                sampler)
+    m.overhead, why = forward_cost(m, cfg, d)
+    E.log(d, f"forwards grouped by length; one costs {m.overhead:.0f} tokens beyond its own "
+             f"({why})")
     # Each rank samples its own responses (same seed on every rank gave correlated draws).
     torch.manual_seed(cfg.run.seed + 7919 * (d.rank + 1))
 
@@ -693,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = rollout(m, chunk, cfg, d)
         train_mode(m, True)
         t_rollout = time.time() - t0
-        upd = ppo_epochs(m, batch, cfg, rng, overhead_of(cfg, d))
+        upd = ppo_epochs(m, batch, cfg, rng)
         if sampler is not None:
             sampler.load(actor.module)
         mask = batch.mask

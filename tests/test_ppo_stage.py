@@ -288,9 +288,9 @@ def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain)
     for mb, overhead in ((8, 10**9), (2, 10**9), (8, 0)):
         cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
                           [f"train.micro_batch_size={mb}", "ppo.whiten_advantages=false",
-                           "deepspeed.num_gpus=1", f"ppo.forward_overhead_tokens={overhead}"])
+                           "deepspeed.num_gpus=1"])
         torch.manual_seed(0)
-        out[mb, overhead] = rollout(m, prompts, cfg, d)
+        out[mb, overhead] = rollout(replace(m, overhead=overhead), prompts, cfg, d)
     b = out[8, 10**9]
     with torch.no_grad():
         logits = actor(input_ids=b.seq, attention_mask=b.attn, position_ids=b.pos).logits
@@ -373,8 +373,8 @@ def test_ppo_epochs_in_length_groups_take_the_step_one_padded_forward_takes(chai
         a, c = copy.deepcopy(actor).train(), copy.deepcopy(Critic(reward)).train()
         m = Models(_Trained(a), _Trained(c), _Engine(actor), _Engine(reward), tok,
                    {"reward_mean": 0.0, "reward_std": 1.0},
-                   L.KLController(0.05, False, 2.0, 10000))
-        stats[overhead] = ppo_epochs(m, b, cfg, np.random.default_rng(0), overhead)
+                   L.KLController(0.05, False, 2.0, 10000), overhead=overhead)
+        stats[overhead] = ppo_epochs(m, b, cfg, np.random.default_rng(0))
         params[overhead] = [p.detach() for p in (*a.parameters(), *c.parameters())]
     assert stats[0].keys() == stats[10**9].keys()
     for k, v in stats[0].items():
@@ -464,3 +464,34 @@ def test_a_frozen_lm_head_reads_a_contiguous_input_and_gives_the_same_logits():
     lm.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
     torch.testing.assert_close(lm.lm_head(h), want)
     assert not h.is_contiguous() and seen == [True]
+
+
+def test_the_forward_overhead_is_timed_on_the_model_unless_configured_or_zero3(monkeypatch):
+    import time
+    from stages.engine import Dist
+    from stages.ppo import forward_cost, measured_overhead
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Model:           # 20 ms a forward and 0.1 ms a token, on the patched clock
+        def __call__(self, input_ids, logits_to_keep):
+            clock[0] += 0.020 + 1e-4 * input_ids.numel()
+
+        def zero_optimization_stage(self):
+            return self.stage
+    model = Model()
+    cpu = torch.device("cpu")
+    assert measured_overhead(model, cpu, 8) == pytest.approx(200)
+
+    class M:
+        actor = model
+    cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml", [])
+    one, two = (Dist(rank=0, world=w, local_rank=0, device=cpu) for w in (1, 2))
+    for stage in (0, 3):
+        model.stage = stage
+        assert forward_cost(M, cfg, one) == (pytest.approx(200), "measured")
+    assert forward_cost(M, cfg, two)[0] >= 1e12       # ZeRO-3: the same forwards on every rank
+    model.stage = 2
+    cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                      ["ppo.forward_overhead_tokens=7"])
+    assert forward_cost(M, cfg, two) == (7, "configured")
