@@ -185,30 +185,61 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Group:
     """Rows of a batch that run in one forward, cut to the columns they need: the group's
-    longest prompt (prompts are left-padded) and longest response (right-padded)."""
+    longest prompt (prompts are left-padded) and longest response (right-padded). k > 1: the
+    rows come k to a prompt (a grpo/rloo group), each prompt encoded once for its k rows."""
     rows: torch.Tensor          # [G] indices into the batch
     seq: torch.Tensor           # [G, P+R]
     attn: torch.Tensor
     pos: torch.Tensor
     P: int
     R: int
+    k: int = 1
 
     def fwd(self) -> dict:
         return dict(input_ids=self.seq, attention_mask=self.attn, position_ids=self.pos)
 
 
 def groups(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, P: int,
-           mask: torch.Tensor, max_rows: int, overhead: float) -> list[Group]:
+           mask: torch.Tensor, max_rows: int, overhead: float, k: int = 1) -> list[Group]:
     """A batch's forwards: rows of similar length together (model.length_groups), so a few long
-    responses do not make every row compute their padding."""
+    responses do not make every row compute their padding. k > 1: rows j*k .. j*k+k-1 share
+    a prompt and stay together; a forward of u prompts then costs u x (prompt + k x response)
+    tokens."""
     plen = attn[:, :P].sum(1).tolist()
     rlen = mask.sum(1).long().clamp(min=1).tolist()
+    units = [list(range(j, j + k)) for j in range(0, len(plen), k)]
+    # Lengths per prompt, scaled by 1/k (prompt/k + response), so the split's cost is the
+    # true one divided by k, as is the overhead handed over.
+    lengths = [(plen[u[0]] / k, max(rlen[i] for i in u)) for u in units]
     out = []
-    for g in length_groups(list(zip(plen, rlen)), max_rows, overhead):
+    for ug in length_groups(lengths, max(1, max_rows // k), overhead / k):
+        g = [i for j in ug for i in units[j]]
         p, r = max(plen[i] for i in g), max(rlen[i] for i in g)
         rows, cols = torch.tensor(g, device=seq.device), slice(P - p, P + r)
-        out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r))
+        out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r, k))
     return out
+
+
+def response_logits(model, g: Group) -> torch.Tensor:
+    """[G, R_g, vocab] logits at the positions that predict each response token, the prompt's
+    included only as keys and values. k > 1: each prompt is run once and its keys and values
+    repeated for its k responses, so the prompt's tokens are computed once per group, not k
+    times (TRL's GRPO runs every completion with its own copy of the prompt); the logits are
+    the same up to rounding, and gradients flow through the shared prompt to every response."""
+    if g.k == 1:
+        return model(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
+    P, k = g.P, g.k
+    head = model(input_ids=g.seq[::k, :P], attention_mask=g.attn[::k, :P],
+                 position_ids=g.pos[::k, :P], use_cache=True, logits_to_keep=1)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(k)
+    first = head.logits.repeat_interleave(k, 0)       # predicts each response's first token
+    if g.R == 1:
+        return first
+    cols = slice(P, P + g.R - 1)
+    rest = model(input_ids=g.seq[:, cols], attention_mask=g.attn[:, :P + g.R - 1],
+                 position_ids=g.pos[:, cols], past_key_values=cache, use_cache=True).logits
+    return torch.cat([first, rest], 1)
 
 
 def ungroup(parts: list[torch.Tensor], gs: list[Group], width: int) -> torch.Tensor:
@@ -243,11 +274,15 @@ def measured_overhead(model, device: torch.device, rows: int) -> float:
     return float(min(max(small / per_token - 8, 8), 1 << 16))
 
 
+def lockstep(m: "Models", d: E.Dist) -> bool:
+    """Whether every rank must run as many forwards as the others: ZeRO-3 on several ranks
+    gathers each layer's weights collectively."""
+    return d.world > 1 and m.actor.zero_optimization_stage() == 3
+
+
 def forward_cost(m: "Models", cfg: PPOConfig, d: E.Dist) -> tuple[float, str]:
     """The overhead length_groups weighs padding against, and where it came from."""
-    if d.world > 1 and m.actor.zero_optimization_stage() == 3:
-        # ZeRO-3 gathers each layer's weights collectively: every rank must run as many
-        # forwards as the others, so as few as the rows allow (ceil(rows / micro-batch)).
+    if lockstep(m, d):          # as few forwards as the rows allow: ceil(rows / micro-batch)
         return 1e12, "ZeRO-3: fewest forwards"
     if cfg.ppo.forward_overhead_tokens is not None:
         return cfg.ppo.forward_overhead_tokens, "configured"
@@ -268,6 +303,7 @@ class Models:
     kl_ctl: L.KLController
     sampler: Any = None         # rollout.engine=vllm: the VLLMSampler; None: actor.generate()
     overhead: float = 64.0      # a forward's cost beyond its tokens, in tokens (forward_cost)
+    share_prompts: bool = True  # grpo/rloo: encode a group's prompt once (not in lockstep)
 
 
 @dataclass
@@ -294,6 +330,7 @@ class Rollout:
     ended: torch.Tensor         # [B] float, 1.0 where the response has an EOS
     gold: list[bool]            # checker verdicts of the rows whose prompt has an answer
     gen_s: float                # seconds spent in generate()
+    k: int = 1                  # rows j*k .. j*k+k-1 answer one prompt (grpo/rloo groups)
 
 
 class InverseCDFSampling:
@@ -317,9 +354,13 @@ class InverseCDFSampling:
 
 @torch.no_grad()
 def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
-            greedy: bool = False, learn: bool = True) -> Rollout:
+            greedy: bool = False, learn: bool = True, k: int = 1) -> Rollout:
     """Sample responses and score them: everything the PPO epochs need, on this rank. With
-    learn=False (evaluation) no values or advantages are computed."""
+    learn=False (evaluation) no values or advantages are computed. k > 1: the prompts come k
+    at a time (a grpo/rloo group), and each group's prompt is encoded once in scoring."""
+    if k > 1 and (not m.share_prompts or len(prompts) % k or any(
+            prompts[i]["prompt"] != prompts[i - i % k]["prompt"] for i in range(len(prompts)))):
+        k = 1
     tok = m.tok
     tok.padding_side = "left"
     enc = tok([chat_prompt(tok, p["prompt"]) for p in prompts], return_tensors="pt",
@@ -360,13 +401,13 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     # Scoring forwards in micro-batches (a rollout batch may be far larger than what fits in
     # one forward) of rows of similar length, logits at the response positions only.
     mb, R = cfg.train.micro_batch_size, resp.shape[1]
-    gs = groups(seq, attn, pos, P, mask, mb, m.overhead)
+    gs = groups(seq, attn, pos, P, mask, mb, m.overhead, k)
     logp, ref_logp, exact_kl, values = [], [], [], []
     for g in gs:
         r, msk = resp[g.rows, :g.R], mask[g.rows, :g.R]
         logits = gen_logits[g.rows, :g.R] if gen_logits is not None else \
-            m.actor(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
-        ref_logits = m.ref(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
+            response_logits(m.actor, g)
+        ref_logits = response_logits(m.ref, g)
         logp.append(L.token_logprobs(logits, r, temp) * msk)
         ref_logp.append(L.token_logprobs(ref_logits, r, temp) * msk)
         exact_kl.append((L.exact_kl(logits, ref_logits) * msk).sum(1))
@@ -397,23 +438,25 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
         adv = L.group_advantages(score, cfg.ppo.group_size, cfg.ppo.advantage,
                                  cfg.ppo.scale_rewards)[:, None] * mask
     return Rollout(seq, attn, pos, resp, mask, P, logp, ref_logp, values, adv, returns, texts,
-                   raw, norm, kl.sum(1), exact_kl, ended.float(), gold, gen_s)
+                   raw, norm, kl.sum(1), exact_kl, ended.float(), gold, gen_s, k)
 
 
 def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) -> dict:
     n, mb, R, temp = b.seq.shape[0], cfg.ppo.minibatch_size, b.resp.shape[1], \
         cfg.rollout.temperature
+    # grpo/rloo: minibatches of whole groups, so each prompt is encoded once a forward.
+    share = b.k if mb % b.k == 0 else 1
     acc: dict[str, list] = {}
     for _ in range(cfg.ppo.epochs):
-        for idx in np.split(rng.permutation(n), n // mb):
-            i = torch.as_tensor(idx)
+        for units in np.split(rng.permutation(n // share), n // mb):
+            i = torch.as_tensor((units[:, None] * share + np.arange(share)).reshape(-1))
             mask, resp = b.mask[i], b.resp[i]
             # One minibatch, one optimizer step; its rows may run in several forwards of
             # similar lengths, their losses summed into one backward.
-            gs = groups(b.seq[i], b.attn[i], b.pos[i], b.P, mask, mb, m.overhead)
+            gs = groups(b.seq[i], b.attn[i], b.pos[i], b.P, mask, mb, m.overhead, share)
             logp, ent = [], []
             for g in gs:
-                logits = m.actor(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
+                logits = response_logits(m.actor, g)
                 logp.append(L.token_logprobs(logits, resp[g.rows, :g.R], temp))
                 with torch.no_grad():
                     ent.append(L.entropy(logits))
@@ -677,6 +720,7 @@ def main(argv: list[str] | None = None) -> None:
                L.KLController(cfg.kl.coef, cfg.kl.adaptive, cfg.kl.target, cfg.kl.horizon),
                sampler)
     m.overhead, why = forward_cost(m, cfg, d)
+    m.share_prompts = not lockstep(m, d)
     E.log(d, f"forwards grouped by length; one costs {m.overhead:.0f} tokens beyond its own "
              f"({why})")
     # Each rank samples its own responses (same seed on every rank gave correlated draws).
@@ -723,7 +767,7 @@ def main(argv: list[str] | None = None) -> None:
         n = per_rank // k
         chunk = [train_prompts[i] for i in order[d.rank * n:(d.rank + 1) * n] for _ in range(k)]
         train_mode(m, False)
-        batch = rollout(m, chunk, cfg, d)
+        batch = rollout(m, chunk, cfg, d, k=k)
         train_mode(m, True)
         t_rollout = time.time() - t0
         upd = ppo_epochs(m, batch, cfg, rng)

@@ -495,3 +495,51 @@ def test_the_forward_overhead_is_timed_on_the_model_unless_configured_or_zero3(m
     cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
                       ["ppo.forward_overhead_tokens=7"])
     assert forward_cost(M, cfg, two) == (7, "configured")
+
+
+def test_a_shared_prompt_gives_each_response_the_logits_and_gradients_of_its_own_copy(chain):
+    # grpo/rloo: a group's prompt is encoded once and its keys and values repeated for its k
+    # responses; the log-probs, and the gradients through the shared prompt, must be those of
+    # k separate copies.
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import stages.losses as L
+    from dataclasses import replace
+    from stages.engine import Dist
+    from stages.model import load_tokenizer
+    from stages.ppo import Models, groups, response_logits, rollout
+    _, store, _, _ = chain
+    sft, rm = (store.get(store.resolve(f"tiny-{s}@latest")) for s in ("sft", "rm"))
+    actor = AutoModelForCausalLM.from_pretrained(sft.local_path()).eval()
+    reward = AutoModelForSequenceClassification.from_pretrained(rm.local_path()).eval()
+    m = Models(_Engine(_EndsEarly(actor)), None, _Engine(actor), _Engine(reward),
+               load_tokenizer(sft.local_path()), {"reward_mean": 0.0, "reward_std": 1.0},
+               L.KLController(0.05, False, 2.0, 10000))
+    cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                      ["deepspeed.num_gpus=1", "ppo.advantage=grpo", "ppo.group_size=3",
+                       "train.micro_batch_size=12", "train.global_batch_size=12"])
+    prompts = [{"prompt": p} for p in ("Sort in ascending order: 3 1 2",
+                                       "Sort in ascending order: 9 4 7 5 0 2 8 6",
+                                       "Reverse: 5 0 8 1") for _ in range(3)]
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    runs = {}
+    for k in (3, 1):
+        torch.manual_seed(0)
+        runs[k] = rollout(m, prompts, cfg, d, k=k)
+    assert runs[3].k == 3 and runs[3].mask.sum(1).unique().numel() > 1
+    for key in ("logp", "ref_logp", "exact_kl", "adv"):
+        assert torch.allclose(getattr(runs[3], key), getattr(runs[1], key), atol=1e-5), key
+    assert rollout(m, prompts[1:] + prompts[:1], cfg, d, k=3).k == 1   # groups split: no share
+    b = runs[3]
+    (g,) = groups(b.seq, b.attn, b.pos, b.P, b.mask, 12, 10**9, k=3)
+    grads = {}
+    for k in (3, 1):
+        logits = response_logits(actor, replace(g, k=k))
+        logp = L.token_logprobs(logits, b.resp[g.rows, :g.R]) * b.mask[g.rows, :g.R]
+        (logp.sum() * 0.1).backward()
+        grads[k] = [p.grad.clone() for p in actor.parameters()]
+        actor.zero_grad()
+        grads[k, "logp"] = logp.detach()
+    assert torch.allclose(grads[3, "logp"], grads[1, "logp"], atol=1e-5)
+    for a, c in zip(grads[3], grads[1]):
+        assert torch.allclose(a, c, atol=1e-5)
+    assert any(a.abs().sum() > 0 for a in grads[3])
