@@ -346,11 +346,12 @@ class PPOAlgoConfig(Strict):
         "a checker run is also the control that tells a PPO problem from an RM one.")
 
     forward_overhead_tokens: int | None = Field(
-        None, ge=0, description="What one forward costs beyond its tokens, in tokens: rollout "
-        "scoring and training forwards run over groups of rows of similar length, each padded "
-        "only to its own longest prompt and response, split where the padding saved outweighs "
-        "the extra forwards. None: timed on the actor at the start (SmolLM2-135M on 2 CPU "
-        "cores: ~50). Under ZeRO-3 on several ranks, as few forwards as the rows allow.")
+        None, ge=0, description="Rollout scoring and training forwards run over rows sorted by "
+        "length, each forward padded only to its own longest prompt and response. None: the "
+        "fewest forwards (rows / micro-batch). A number: more forwards where the padding they "
+        "save outweighs this cost of a forward, in tokens (SmolLM2-135M on 2 CPU cores: a "
+        "forward's fixed cost is ~50 tokens' worth); for responses whose lengths differ by "
+        "hundreds of tokens. Ignored under ZeRO-3 on several ranks.")
     vf_coef: float | None = Field(None, description="Refused when set: the critic is its own "
                                   "engine with its own Adam, which a loss scale does not change.")
 

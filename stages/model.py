@@ -234,18 +234,11 @@ def length_groups(lengths: list[tuple[int, ...]], max_rows: int,
     return groups[::-1]
 
 
-def forward_overhead(device) -> int:
-    """What a forward costs beyond its tokens, in tokens, where the config does not say: on a
-    CPU measured (SmolLM2-135M, 2 cores, fp32: 77 ms fixed, 1.5 ms a token); on a GPU an
-    estimate (kernel launches, not tokens, bound small forwards there)."""
-    return 4096 if getattr(device, "type", str(device)) == "cuda" else 64
-
-
 def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int = 32,
-              device=None, overhead: float | None = None):
+              device=None, overhead: float = 1e12):
     """The reward model's score of each (prompt, response), formatted exactly as the RM was
     trained on; `model` may be a DeepSpeed engine. The RM stage and PPO both score with it, in
-    forwards of similar lengths (length_groups)."""
+    forwards of rows sorted by length (length_groups; the default overhead: the fewest)."""
     import torch
     tok.padding_side = "right"
     device = device or next(model.parameters()).device
@@ -253,7 +246,6 @@ def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int =
                                       {"role": "assistant", "content": r}], tokenize=False)
              for p, r in zip(prompts, responses)]
     ids = tok(convs, add_special_tokens=False)["input_ids"]
-    overhead = forward_overhead(device) if overhead is None else overhead
     scores = torch.zeros(len(ids), device=device)
     for g in length_groups([(len(x),) for x in ids], batch, overhead):
         enc = tok.pad({"input_ids": [ids[i] for i in g]}, return_tensors="pt").to(device)

@@ -250,30 +250,6 @@ def ungroup(parts: list[torch.Tensor], gs: list[Group], width: int) -> torch.Ten
     return out[torch.argsort(torch.cat([g.rows for g in gs]))]
 
 
-@torch.no_grad()
-def measured_overhead(model, device: torch.device, rows: int) -> float:
-    """What one forward of `model` costs beyond its tokens, in tokens, timed here: a 1-row,
-    8-token forward's time over the per-token time of a rows x 64 one (each the best of three,
-    after a warm-up). SmolLM2-135M on 2 CPU cores: ~50; the demo model: ~110; on a GPU small
-    forwards are all launch overhead, so it is far larger there."""
-    def best(b: int, n: int) -> float:
-        x = torch.ones(b, n, dtype=torch.long, device=device)
-        times = []
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(input_ids=x, logits_to_keep=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    best(1, 8)
-    small, big = best(1, 8), best(rows, 64)
-    per_token = max(big - small, 1e-9) / (rows * 64 - 8)
-    return float(min(max(small / per_token - 8, 8), 1 << 16))
-
-
 def lockstep(m: "Models", d: E.Dist) -> bool:
     """Whether every rank must run as many forwards as the others: ZeRO-3 on several ranks
     gathers each layer's weights collectively."""
@@ -281,12 +257,19 @@ def lockstep(m: "Models", d: E.Dist) -> bool:
 
 
 def forward_cost(m: "Models", cfg: PPOConfig, d: E.Dist) -> tuple[float, str]:
-    """The overhead length_groups weighs padding against, and where it came from."""
-    if lockstep(m, d):          # as few forwards as the rows allow: ceil(rows / micro-batch)
-        return 1e12, "ZeRO-3: fewest forwards"
+    """The overhead length_groups weighs padding against, and why. Unless configured, so high
+    that it only sorts and trims: the fewest forwards (ceil(rows / micro-batch)), each of rows
+    of similar length. Splitting further, at the timed cost of a forward, was slower on the
+    workloads measured here (short responses: the demo, SmolLM2 with a median of 4 tokens);
+    it pays where responses differ by hundreds of tokens."""
+    if lockstep(m, d):
+        return FEWEST, "ZeRO-3 on several ranks: every rank runs the same forwards"
     if cfg.ppo.forward_overhead_tokens is not None:
         return cfg.ppo.forward_overhead_tokens, "configured"
-    return measured_overhead(m.actor, d.device, min(cfg.train.micro_batch_size, 8)), "measured"
+    return FEWEST, "default: the fewest forwards"
+
+
+FEWEST = 1e12       # an overhead no padding outweighs: length_groups makes the fewest forwards
 
 
 # --- one PPO step -------------------------------------------------------------------------
@@ -302,7 +285,7 @@ class Models:
     stats: dict                 # the RM's reward_mean and reward_std, to normalize with
     kl_ctl: L.KLController
     sampler: Any = None         # rollout.engine=vllm: the VLLMSampler; None: actor.generate()
-    overhead: float = 64.0      # a forward's cost beyond its tokens, in tokens (forward_cost)
+    overhead: float = FEWEST    # a forward's cost beyond its tokens, in tokens (forward_cost)
     share_prompts: bool = True  # grpo/rloo: encode a group's prompt once (not in lockstep)
 
 
@@ -721,8 +704,8 @@ def main(argv: list[str] | None = None) -> None:
                sampler)
     m.overhead, why = forward_cost(m, cfg, d)
     m.share_prompts = not lockstep(m, d)
-    E.log(d, f"forwards grouped by length; one costs {m.overhead:.0f} tokens beyond its own "
-             f"({why})")
+    cost = f": a forward costs {m.overhead:g} tokens more" if m.overhead < FEWEST else ""
+    E.log(d, f"forwards of rows sorted by length, each padded to its own longest ({why}{cost})")
     # Each rank samples its own responses (same seed on every rank gave correlated draws).
     torch.manual_seed(cfg.run.seed + 7919 * (d.rank + 1))
 
