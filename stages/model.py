@@ -208,7 +208,6 @@ def gold_checks(recs: list[dict], texts: list[str]) -> list[bool]:
     return [check(r["answer"], t) for r, t in zip(recs, texts)]
 
 
-@torch_no_grad
 def length_groups(lengths: list[tuple[int, ...]], max_rows: int,
                   overhead: float) -> list[list[int]]:
     """Rows split into forwards of at most max_rows rows, each forward padded only to its own
@@ -234,6 +233,7 @@ def length_groups(lengths: list[tuple[int, ...]], max_rows: int,
     return groups[::-1]
 
 
+@torch_no_grad
 def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int = 32,
               device=None, overhead: float = 1e12):
     """The reward model's score of each (prompt, response), formatted exactly as the RM was

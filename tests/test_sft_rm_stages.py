@@ -76,6 +76,23 @@ def test_rm_scores_pairs_and_stores_reward_statistics(chain):
     assert "OK 1" in out.stdout, out.stderr[-2000:]
 
 
+def test_rm_scores_in_length_sorted_forwards_are_each_rows_own_and_keep_no_graph(chain):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from stages.model import load_tokenizer, rm_scores
+    _, store, _, _ = chain
+    path = store.get("tiny-rm").local_path()
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = load_tokenizer(path)
+    prompts = ["Sort: 3 1 2", "Sort in ascending order: 9 4 7 5 0 2 8 6", "Reverse: 5 0"]
+    responses = ["1 2 3", "0 2 4 5 6 7 8 9 and then some more words", ""]
+    alone = torch.cat([rm_scores(model, tok, [p], [r]) for p, r in zip(prompts, responses)])
+    for batch, overhead in ((2, 1e12), (3, 1e12), (3, 0)):    # sorted; one forward; split
+        scores = rm_scores(model, tok, prompts, responses, batch=batch, overhead=overhead)
+        assert not scores.requires_grad
+        assert torch.allclose(scores, alone, atol=1e-5), (batch, overhead)
+
+
 def test_sft_with_lora_keeps_the_adapter_as_its_own_artifact(chain):
     root, store, _, _ = chain
     digest, log = launch(root, "sft", "lora.enabled=true", "lora.r=4", "run.name=tiny-sft-lora",
