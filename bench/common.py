@@ -21,9 +21,24 @@ def machine_info() -> dict:
 
 
 
+def commit() -> str | None:
+    """The checkout's commit, "+dirty" where tracked files differ from it: the code a figure
+    was measured on."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!bench/results"],
+                               cwd=REPO).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def save(result: dict, out: str | Path, stem: str) -> Path:
     """Write `result` (with the machine and the time added) as <out>/<stem>-<device>.json."""
     result.setdefault("machine", machine_info())
+    result.setdefault("commit", commit())
     result.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
