@@ -208,6 +208,9 @@ def gold_checks(recs: list[dict], texts: list[str]) -> list[bool]:
     return [check(r["answer"], t) for r, t in zip(recs, texts)]
 
 
+FEWEST = 1e12       # an overhead no padding outweighs: length_groups makes the fewest forwards
+
+
 def length_groups(lengths: list[tuple[int, ...]], max_rows: int,
                   overhead: float) -> list[list[int]]:
     """Rows split into forwards of at most max_rows rows, each forward padded only to its own
@@ -235,7 +238,7 @@ def length_groups(lengths: list[tuple[int, ...]], max_rows: int,
 
 @torch_no_grad
 def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int = 32,
-              device=None, overhead: float = 1e12):
+              device=None, overhead: float = FEWEST):
     """The reward model's score of each (prompt, response), formatted exactly as the RM was
     trained on; `model` may be a DeepSpeed engine. The RM stage and PPO both score with it, in
     forwards of rows sorted by length (length_groups; the default overhead: the fewest)."""

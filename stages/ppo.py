@@ -49,8 +49,8 @@ from stages.artifacts import ArtifactStore, write_durable
 from stages.config import PPOConfig, TrainConfig
 from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
-from stages.model import (chat_prompt, decode_responses, length_groups, load_tokenizer,
-                          parent_model, rm_scores)
+from stages.model import (FEWEST, chat_prompt, decode_responses, length_groups,
+                          load_tokenizer, parent_model, rm_scores)
 from stages.tasks import (accuracies, accuracy_change, check, gold_counts, heldout_split,
                           mcnemar_p, paired_change)
 
@@ -267,9 +267,6 @@ def forward_cost(m: "Models", cfg: PPOConfig, d: E.Dist) -> tuple[float, str]:
     if cfg.ppo.forward_overhead_tokens is not None:
         return cfg.ppo.forward_overhead_tokens, "configured"
     return FEWEST, "default: the fewest forwards"
-
-
-FEWEST = 1e12       # an overhead no padding outweighs: length_groups makes the fewest forwards
 
 
 # --- one PPO step -------------------------------------------------------------------------
