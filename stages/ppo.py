@@ -31,9 +31,10 @@ export:   the actor as an HF causal LM whose manifest names both parents.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -49,8 +50,9 @@ from stages.artifacts import ArtifactStore, write_durable
 from stages.config import PPOConfig, TrainConfig
 from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
-from stages.model import (FEWEST, chat_prompt, decode_responses, length_groups,
-                          load_tokenizer, parent_model, rm_scores)
+from stages.model import (FEWEST, PREFIX_MIN_SAVED, chat_prompt, decode_responses,
+                          length_groups, load_tokenizer, parent_model, prefix_cache, rm_scores,
+                          shared_prefix)
 from stages.tasks import (accuracies, accuracy_change, check, gold_counts, heldout_split,
                           mcnemar_p, paired_change)
 
@@ -132,10 +134,21 @@ class Critic(torch.nn.Module):
             self.value.weight.copy_(w / std)
             self.value.bias.copy_((bias.to(w.dtype) - mean) / std)
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        h = self.body(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids).last_hidden_state
-        return self.value(h).squeeze(-1).float()
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None,
+                use_cache=False, logits_to_keep=0):
+        """Values at the last logits_to_keep positions (0: all) as `.logits`, so
+        response_logits serves the critic as it serves a causal LM, shared prefix included."""
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, past_key_values=past_key_values,
+                        use_cache=use_cache)
+        h = out.last_hidden_state[:, -logits_to_keep:]
+        return Values(self.value(h).squeeze(-1).float(), out.past_key_values)
+
+
+@dataclass
+class Values:
+    logits: torch.Tensor        # [B, T] V(s_t)
+    past_key_values: Any
 
 
 def engine(model, cfg: PPOConfig, d: E.Dist, lr: float | None, offload: bool = False):
@@ -182,11 +195,18 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def common_prefix(seq: torch.Tensor, attn: torch.Tensor, P: int) -> int:
+    """model.shared_prefix of a batch's left-padded prompts."""
+    plen = attn[:, :P].sum(1).tolist()
+    return shared_prefix([seq[i, P - n:P].tolist() for i, n in enumerate(plen)])
+
+
 @dataclass
 class Group:
     """Rows of a batch that run in one forward, cut to the columns they need: the group's
     longest prompt (prompts are left-padded) and longest response (right-padded). k > 1: the
-    rows come k to a prompt (a grpo/rloo group), each prompt encoded once for its k rows."""
+    rows come k to a prompt (a grpo/rloo group), each prompt encoded once for its k rows.
+    C > 0: every row's prompt starts with the same C tokens, encoded once for the group."""
     rows: torch.Tensor          # [G] indices into the batch
     seq: torch.Tensor           # [G, P+R]
     attn: torch.Tensor
@@ -194,17 +214,16 @@ class Group:
     P: int
     R: int
     k: int = 1
-
-    def fwd(self) -> dict:
-        return dict(input_ids=self.seq, attention_mask=self.attn, position_ids=self.pos)
+    C: int = 0
 
 
 def groups(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, P: int,
-           mask: torch.Tensor, max_rows: int, overhead: float, k: int = 1) -> list[Group]:
+           mask: torch.Tensor, max_rows: int, overhead: float, k: int = 1,
+           C: int = 0) -> list[Group]:
     """A batch's forwards: rows of similar length together (model.length_groups), so a few long
     responses do not make every row compute their padding. k > 1: rows j*k .. j*k+k-1 share
     a prompt and stay together; a forward of u prompts then costs u x (prompt + k x response)
-    tokens."""
+    tokens. C: the prefix every row shares (common_prefix), used where it saves enough."""
     plen = attn[:, :P].sum(1).tolist()
     rlen = mask.sum(1).long().clamp(min=1).tolist()
     units = [list(range(j, j + k)) for j in range(0, len(plen), k)]
@@ -216,28 +235,45 @@ def groups(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, P: int,
         g = [i for j in ug for i in units[j]]
         p, r = max(plen[i] for i in g), max(rlen[i] for i in g)
         rows, cols = torch.tensor(g, device=seq.device), slice(P - p, P + r)
-        out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r, k))
+        c = C if C * (len(ug) - 1) >= PREFIX_MIN_SAVED else 0
+        out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r, k, c))
     return out
 
 
-def response_logits(model, g: Group) -> torch.Tensor:
-    """[G, R_g, vocab] logits at the positions that predict each response token, the prompt's
-    included only as keys and values. k > 1: each prompt is run once and its keys and values
-    repeated for its k responses, so the prompt's tokens are computed once per group, not k
-    times (TRL's GRPO runs every completion with its own copy of the prompt); the logits are
-    the same up to rounding, and gradients flow through the shared prompt to every response."""
-    if g.k == 1:
-        return model(**g.fwd(), logits_to_keep=g.R + 1).logits[:, :-1]
-    P, k = g.P, g.k
-    head = model(input_ids=g.seq[::k, :P], attention_mask=g.attn[::k, :P],
-                 position_ids=g.pos[::k, :P], use_cache=True, logits_to_keep=1)
+def response_logits(model, g: Group, memo: dict | None = None) -> torch.Tensor:
+    """[G, R_g, ...] logits (a critic's values) at the positions that predict each response
+    token, the prompt's included only as keys and values. Two kinds of sharing, each exact up
+    to rounding, gradients flowing through the shared part to every row:
+    - C > 0: the prefix every prompt starts with (a system turn) runs once for the group
+      (prefix_cache), not once a row; each row runs only the rest of its prompt;
+    - k > 1: each prompt is run once and its keys and values repeated for its k responses,
+      so the prompt's tokens are computed once per group, not k times (TRL's GRPO runs every
+      completion with its own copy of the prompt).
+    With a shared prefix the rows keep their layout (left-padded prompts): columns [0, C)
+    stand for the cached prefix, and what lies in a row before its own rest is masked."""
+    P, R, k, C = g.P, g.R, g.k, g.C
+    attn, cache = g.attn, None
+    if C:
+        start = P - g.attn[:, :P].sum(1)        # each row's first prompt column
+        s0 = int(start[0])
+        cache = prefix_cache(model, g.seq[0, s0:s0 + C], len(g.rows) // k, memo,
+                             logits_to_keep=1)
+        cols = torch.arange(P + R, device=attn.device)
+        attn = attn.masked_fill(cols[None] < (start + C)[:, None], 0)
+        attn[:, :C] = 1
+    if k == 1:
+        return model(input_ids=g.seq[:, C:], attention_mask=attn, position_ids=g.pos[:, C:],
+                     past_key_values=cache, logits_to_keep=R + 1).logits[:, :-1]
+    head = model(input_ids=g.seq[::k, C:P], attention_mask=attn[::k, :P],
+                 position_ids=g.pos[::k, C:P], past_key_values=cache, use_cache=True,
+                 logits_to_keep=1)
     cache = head.past_key_values
     cache.batch_repeat_interleave(k)
     first = head.logits.repeat_interleave(k, 0)       # predicts each response's first token
-    if g.R == 1:
+    if R == 1:
         return first
-    cols = slice(P, P + g.R - 1)
-    rest = model(input_ids=g.seq[:, cols], attention_mask=g.attn[:, :P + g.R - 1],
+    cols = slice(P, P + R - 1)
+    rest = model(input_ids=g.seq[:, cols], attention_mask=attn[:, :P + R - 1],
                  position_ids=g.pos[:, cols], past_key_values=cache, use_cache=True).logits
     return torch.cat([first, rest], 1)
 
@@ -252,8 +288,11 @@ def ungroup(parts: list[torch.Tensor], gs: list[Group], width: int) -> torch.Ten
 
 def lockstep(m: "Models", d: E.Dist) -> bool:
     """Whether every rank must run as many forwards as the others: ZeRO-3 on several ranks
-    gathers each layer's weights collectively."""
-    return d.world > 1 and m.actor.zero_optimization_stage() == 3
+    gathers each layer's weights collectively (trained engines under a zero3 template, frozen
+    ones under frozen_offload)."""
+    engines = [getattr(m, name, None) for name in ("actor", "critic", "ref", "reward")]
+    return d.world > 1 and any(e is not None and e.zero_optimization_stage() == 3
+                               for e in engines)
 
 
 def forward_cost(m: "Models", cfg: PPOConfig, d: E.Dist) -> tuple[float, str]:
@@ -283,7 +322,9 @@ class Models:
     kl_ctl: L.KLController
     sampler: Any = None         # rollout.engine=vllm: the VLLMSampler; None: actor.generate()
     overhead: float = FEWEST    # a forward's cost beyond its tokens, in tokens (forward_cost)
-    share_prompts: bool = True  # grpo/rloo: encode a group's prompt once (not in lockstep)
+    share_prompts: bool = True  # encode shared prompts and prefixes once (not in lockstep)
+    # The frozen models' shared prefixes (keys and values), kept for the run: prefix_cache.
+    memo: dict = field(default_factory=lambda: {"ref": {}, "reward": {}})
 
 
 @dataclass
@@ -311,6 +352,7 @@ class Rollout:
     gold: list[bool]            # checker verdicts of the rows whose prompt has an answer
     gen_s: float                # seconds spent in generate()
     k: int = 1                  # rows j*k .. j*k+k-1 answer one prompt (grpo/rloo groups)
+    C: int = 0                  # every prompt starts with the same C tokens (common_prefix)
 
 
 class InverseCDFSampling:
@@ -381,22 +423,24 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     # Scoring forwards in micro-batches (a rollout batch may be far larger than what fits in
     # one forward) of rows of similar length, logits at the response positions only.
     mb, R = cfg.train.micro_batch_size, resp.shape[1]
-    gs = groups(seq, attn, pos, P, mask, mb, m.overhead, k)
+    C = common_prefix(seq, attn, P) if m.share_prompts else 0
+    gs = groups(seq, attn, pos, P, mask, mb, m.overhead, k, C)
     logp, ref_logp, exact_kl, values = [], [], [], []
     for g in gs:
         r, msk = resp[g.rows, :g.R], mask[g.rows, :g.R]
         logits = gen_logits[g.rows, :g.R] if gen_logits is not None else \
             response_logits(m.actor, g)
-        ref_logits = response_logits(m.ref, g)
+        ref_logits = response_logits(m.ref, g, m.memo["ref"])
         logp.append(L.token_logprobs(logits, r, temp) * msk)
         ref_logp.append(L.token_logprobs(ref_logits, r, temp) * msk)
         exact_kl.append((L.exact_kl(logits, ref_logits) * msk).sum(1))
         if learn and m.critic is not None:
-            values.append(m.critic(**g.fwd())[:, g.P - 1:-1] * msk)
+            values.append(response_logits(m.critic, g) * msk)
     logp, ref_logp, exact_kl = (ungroup(x, gs, R) for x in (logp, ref_logp, exact_kl))
     texts, _ = decode_responses(tok, resp)
     raw = rm_scores(m.reward, tok, [p["prompt"] for p in prompts], texts, batch=mb,
-                    device=d.device, overhead=m.overhead)
+                    device=d.device, overhead=m.overhead,
+                    memo=m.memo["reward"], share=m.share_prompts)
     gold = [check(p["answer"], t) for p, t in zip(prompts, texts) if "answer" in p]
     if cfg.ppo.reward_source == "checker":
         norm = torch.tensor(gold, dtype=torch.float32, device=d.device) * 2 - 1
@@ -418,7 +462,7 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
         adv = L.group_advantages(score, cfg.ppo.group_size, cfg.ppo.advantage,
                                  cfg.ppo.scale_rewards)[:, None] * mask
     return Rollout(seq, attn, pos, resp, mask, P, logp, ref_logp, values, adv, returns, texts,
-                   raw, norm, kl.sum(1), exact_kl, ended.float(), gold, gen_s, k)
+                   raw, norm, kl.sum(1), exact_kl, ended.float(), gold, gen_s, k, C)
 
 
 def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) -> dict:
@@ -433,7 +477,7 @@ def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) 
             mask, resp = b.mask[i], b.resp[i]
             # One minibatch, one optimizer step; its rows may run in several forwards of
             # similar lengths, their losses summed into one backward.
-            gs = groups(b.seq[i], b.attn[i], b.pos[i], b.P, mask, mb, m.overhead, share)
+            gs = groups(b.seq[i], b.attn[i], b.pos[i], b.P, mask, mb, m.overhead, share, b.C)
             logp, ent = [], []
             for g in gs:
                 logits = response_logits(m.actor, g)
@@ -454,7 +498,7 @@ def ppo_epochs(m: Models, b: Rollout, cfg: PPOConfig, rng: np.random.Generator) 
             m.actor.backward(loss)
             m.actor.step()
             if m.critic is not None:
-                values = ungroup([m.critic(**g.fwd())[:, g.P - 1:-1] for g in gs], gs, R)
+                values = ungroup([response_logits(m.critic, g) for g in gs], gs, R)
                 vf_loss, vf = L.value_loss(values, b.values[i], b.returns[i], mask,
                                            cfg.ppo.value_clip_range)
                 m.critic.backward(vf_loss)

@@ -178,7 +178,7 @@ def test_critic_starts_in_the_units_of_its_targets():
     pos = torch.arange(4).expand(2, 4)
     with torch.no_grad():
         score = rm(input_ids=ids, attention_mask=attn).logits[:, 0]
-        values = Critic(rm, mean=1.5, std=3.2)(ids, attn, pos)
+        values = Critic(rm, mean=1.5, std=3.2)(ids, attn, pos).logits
     assert values[:, -1].tolist() == pytest.approx(((score - 1.5) / 3.2).tolist(), abs=1e-5)
     assert not torch.allclose(values[:, -1], score)    # the raw head would be off by the spread
 
@@ -489,3 +489,65 @@ def test_forwards_are_the_fewest_unless_configured_and_always_under_zero3_on_sev
     assert forward_cost(M, seven, two)[0] == FEWEST      # ZeRO-3: the same forwards everywhere
     M.actor.stage = 2
     assert forward_cost(M, seven, two) == (7, "configured")
+
+
+def test_shared_prompts_and_prefixes_give_each_row_the_logits_and_gradients_of_its_own_copy(
+        chain, monkeypatch):
+    # A grpo/rloo group's prompt is encoded once and its keys and values repeated for its k
+    # responses; the prefix every prompt starts with (a chat template's system turn) is encoded
+    # once a forward. The log-probs, the values, the RM's scores and the gradients through
+    # the shared parts must be those of separate copies.
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import stages.losses as L
+    import stages.model
+    import stages.ppo
+    from dataclasses import replace
+    from stages.engine import Dist
+    from stages.model import load_tokenizer
+    from stages.ppo import Critic, Models, groups, response_logits, rollout
+    monkeypatch.setattr(stages.ppo, "PREFIX_MIN_SAVED", 0)    # share even a short prefix
+    monkeypatch.setattr(stages.model, "PREFIX_MIN_SAVED", 0)
+    _, store, _, _ = chain
+    sft, rm = (store.get(store.resolve(f"tiny-{s}@latest")) for s in ("sft", "rm"))
+    actor = AutoModelForCausalLM.from_pretrained(sft.local_path()).eval()
+    reward = AutoModelForSequenceClassification.from_pretrained(rm.local_path()).eval()
+    critic = Critic(reward, mean=0.3, std=2.0)
+    m = Models(_Engine(_EndsEarly(actor)), _Engine(critic), _Engine(actor), _Engine(reward),
+               load_tokenizer(sft.local_path()), {"reward_mean": 0.0, "reward_std": 1.0},
+               L.KLController(0.05, False, 2.0, 10000))
+    cfg = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml",
+                      ["deepspeed.num_gpus=1", "ppo.group_size=3", "ppo.whiten_advantages=false",
+                       "train.micro_batch_size=12", "train.global_batch_size=12"])
+    prompts = [{"prompt": p} for p in ("Sort in ascending order: 3 1 2",
+                                       "Sort in ascending order: 9 4 7 5 0 2 8 6",
+                                       "Sort in ascending order: 5 0 8 1") for _ in range(3)]
+    d = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    runs = {}
+    for k, share in ((3, True), (3, False), (1, True)):
+        torch.manual_seed(0)
+        runs[k, share] = rollout(replace(m, share_prompts=share), prompts, cfg, d, k=k)
+    b = runs[3, True]
+    assert b.k == 3 and b.C > 3 and b.mask.sum(1).unique().numel() > 1
+    assert runs[3, False].k == 1 and runs[3, False].C == 0 and runs[1, True].C == b.C
+    assert m.memo["ref"] and m.memo["reward"]          # the frozen models' prefixes, kept
+    for other in (runs[3, False], runs[1, True]):
+        for key in ("logp", "ref_logp", "exact_kl", "values", "raw", "adv"):
+            assert torch.allclose(getattr(b, key), getattr(other, key), atol=1e-5), key
+    assert rollout(m, prompts[1:] + prompts[:1], cfg, d, k=3).k == 1   # groups split: no share
+    (g,) = groups(b.seq, b.attn, b.pos, b.P, b.mask, 12, 10**9, k=3, C=b.C)
+    assert g.C == b.C
+    for model in (actor, critic):
+        out = {}
+        for k, C in ((3, b.C), (3, 0), (1, b.C), (1, 0)):
+            y = response_logits(model, replace(g, k=k, C=C))
+            y = (L.token_logprobs(y, b.resp[g.rows, :g.R]) if model is actor else y) \
+                * b.mask[g.rows, :g.R]
+            (y.sum() * 0.1).backward()
+            out[k, C] = y.detach(), [p.grad.clone() for p in model.parameters()]
+            model.zero_grad()
+        y0, grads0 = out[1, 0]
+        assert any(a.abs().sum() > 0 for a in grads0)
+        for key, (y, grads) in out.items():
+            assert torch.allclose(y, y0, atol=1e-5), key
+            for a, c in zip(grads, grads0):
+                assert torch.allclose(a, c, atol=1e-5), key

@@ -76,21 +76,32 @@ def test_rm_scores_pairs_and_stores_reward_statistics(chain):
     assert "OK 1" in out.stdout, out.stderr[-2000:]
 
 
-def test_rm_scores_in_length_sorted_forwards_are_each_rows_own_and_keep_no_graph(chain):
+def test_rm_scores_in_length_sorted_forwards_are_each_rows_own_and_keep_no_graph(
+        chain, monkeypatch):
+    # ... and with the prefix every conversation shares encoded once a forward (kept in a memo
+    # across calls), each row's score is still its own.
     import torch
     from transformers import AutoModelForSequenceClassification
+    import stages.model
     from stages.model import load_tokenizer, rm_scores
     _, store, _, _ = chain
     path = store.get("tiny-rm").local_path()
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tok = load_tokenizer(path)
-    prompts = ["Sort: 3 1 2", "Sort in ascending order: 9 4 7 5 0 2 8 6", "Reverse: 5 0"]
-    responses = ["1 2 3", "0 2 4 5 6 7 8 9 and then some more words", ""]
+    prompts = ["Sort: 3 1 2", "Sort in ascending order: 9 4 7 5 0 2 8 6", "Reverse: 5 0",
+               "Sort in ascending order: 1 0"]
+    responses = ["1 2 3", "0 2 4 5 6 7 8 9 and then some more words", "", "0 1"]
     alone = torch.cat([rm_scores(model, tok, [p], [r]) for p, r in zip(prompts, responses)])
-    for batch, overhead in ((2, 1e12), (3, 1e12), (3, 0)):    # sorted; one forward; split
+    for batch, overhead in ((2, 1e12), (4, 1e12), (4, 0)):    # sorted; one forward; split
         scores = rm_scores(model, tok, prompts, responses, batch=batch, overhead=overhead)
         assert not scores.requires_grad
         assert torch.allclose(scores, alone, atol=1e-5), (batch, overhead)
+    monkeypatch.setattr(stages.model, "PREFIX_MIN_SAVED", 0)    # share even a short prefix
+    memo = {}
+    for batch, some in ((4, slice(None)), (2, slice(None)), (4, slice(1, None, 2))):
+        scores = rm_scores(model, tok, prompts[some], responses[some], batch=batch, memo=memo)
+        assert torch.allclose(scores, alone[some], atol=1e-5), batch
+    assert len(memo) == 2       # the template's turn opening; "Sort in ascending order: "
 
 
 def test_sft_with_lora_keeps_the_adapter_as_its_own_artifact(chain):
