@@ -242,6 +242,11 @@ def length_groups(lengths: list[tuple[int, ...]], max_rows: int,
 PREFIX_MIN_SAVED = 64
 
 
+def worth_sharing(C: int, rows: int) -> bool:
+    """Whether encoding a C-token prefix once for `rows` rows saves enough to pay its forward."""
+    return C > 0 and C * (rows - 1) >= PREFIX_MIN_SAVED
+
+
 def shared_prefix(rows: list[list[int]]) -> int:
     """How many leading tokens every row has in common (a chat template's system turn: 24 of
     SmolLM2's 38-41 prompt tokens), leaving each row at least one token of its own (the one
@@ -295,7 +300,7 @@ def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int =
     C = shared_prefix(ids) if share else 0
     scores = torch.zeros(len(ids), device=device)
     for g in length_groups([(len(x) - C,) for x in ids], batch, overhead):
-        c = C if C * (len(g) - 1) >= PREFIX_MIN_SAVED else 0
+        c = C if worth_sharing(C, len(g)) else 0
         enc = tok.pad({"input_ids": [ids[i][c:] for i in g]}, return_tensors="pt").to(device)
         if c:
             n, width = enc["input_ids"].shape

@@ -50,9 +50,9 @@ from stages.artifacts import ArtifactStore, write_durable
 from stages.config import PPOConfig, TrainConfig
 from stages.configfile import ConfigError
 from stages.examples import load_example_set, read_jsonl
-from stages.model import (FEWEST, PREFIX_MIN_SAVED, chat_prompt, decode_responses,
-                          length_groups, load_tokenizer, parent_model, prefix_cache, rm_scores,
-                          shared_prefix)
+from stages.model import (FEWEST, chat_prompt, decode_responses, length_groups,
+                          load_tokenizer, parent_model, prefix_cache, rm_scores, shared_prefix,
+                          worth_sharing)
 from stages.tasks import (accuracies, accuracy_change, check, gold_counts, heldout_split,
                           mcnemar_p, paired_change)
 
@@ -235,9 +235,21 @@ def groups(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, P: int,
         g = [i for j in ug for i in units[j]]
         p, r = max(plen[i] for i in g), max(rlen[i] for i in g)
         rows, cols = torch.tensor(g, device=seq.device), slice(P - p, P + r)
-        c = C if C * (len(ug) - 1) >= PREFIX_MIN_SAVED else 0
+        c = C if worth_sharing(C, len(ug)) else 0
         out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r, k, c))
     return out
+
+
+def behind_prefix(seq: torch.Tensor, attn: torch.Tensor, P: int, C: int):
+    """(the shared prefix, the attention mask that puts it before every row): rows keep their
+    layout (left-padded prompts, then anything), columns [0, C) stand for the cached prefix,
+    and whatever lies in a row before the rest of its own prompt is masked."""
+    start = P - attn[:, :P].sum(1)        # each row's first prompt column
+    s0 = int(start[0])
+    cols = torch.arange(attn.shape[1], device=attn.device)
+    attn = attn.masked_fill(cols[None] < (start + C)[:, None], 0)
+    attn[:, :C] = 1
+    return seq[0, s0:s0 + C], attn
 
 
 def response_logits(model, g: Group, memo: dict | None = None) -> torch.Tensor:
@@ -254,13 +266,8 @@ def response_logits(model, g: Group, memo: dict | None = None) -> torch.Tensor:
     P, R, k, C = g.P, g.R, g.k, g.C
     attn, cache = g.attn, None
     if C:
-        start = P - g.attn[:, :P].sum(1)        # each row's first prompt column
-        s0 = int(start[0])
-        cache = prefix_cache(model, g.seq[0, s0:s0 + C], len(g.rows) // k, memo,
-                             logits_to_keep=1)
-        cols = torch.arange(P + R, device=attn.device)
-        attn = attn.masked_fill(cols[None] < (start + C)[:, None], 0)
-        attn[:, :C] = 1
+        prefix, attn = behind_prefix(g.seq, g.attn, P, C)
+        cache = prefix_cache(model, prefix, len(g.rows) // k, memo, logits_to_keep=1)
     if k == 1:
         return model(input_ids=g.seq[:, C:], attention_mask=attn, position_ids=g.pos[:, C:],
                      past_key_values=cache, logits_to_keep=R + 1).logits[:, :-1]
@@ -393,6 +400,7 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     sampling = {} if greedy else {
         "logits_processor": [InverseCDFSampling(cfg.rollout.temperature)]}
     P = enc["input_ids"].shape[1]
+    C = common_prefix(enc["input_ids"], enc["attention_mask"], P) if m.share_prompts else 0
     gen_logits = None
     if m.sampler is not None:
         resp = m.sampler.generate(enc, cfg.rollout.max_new_tokens,
@@ -403,8 +411,16 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
         # positions (unprocessed: before temperature): no second actor forward (as TRL does).
         # They are held for the batch ([B, R, vocab] in the model's dtype), as one forward's
         # would be.
+        gen_in = dict(enc)
+        if worth_sharing(C, len(prompts)):      # the prefix prefilled once
+            prefix, gen_in["attention_mask"] = behind_prefix(enc["input_ids"],
+                                                             enc["attention_mask"], P, C)
+            gen_in["input_ids"] = torch.cat([prefix.expand(len(prompts), C),
+                                             enc["input_ids"][:, C:]], 1)
+            gen_in["past_key_values"] = prefix_cache(m.actor.module, prefix, len(prompts),
+                                                     None, logits_to_keep=1)
         out = m.actor.module.generate(
-            **enc, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
+            **gen_in, max_new_tokens=cfg.rollout.max_new_tokens, pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id, min_new_tokens=cfg.rollout.min_new_tokens,
             do_sample=False, num_beams=1,
             output_logits=True, return_dict_in_generate=True, **sampling)
@@ -423,7 +439,6 @@ def rollout(m: Models, prompts: list[dict], cfg: PPOConfig, d: E.Dist,
     # Scoring forwards in micro-batches (a rollout batch may be far larger than what fits in
     # one forward) of rows of similar length, logits at the response positions only.
     mb, R = cfg.train.micro_batch_size, resp.shape[1]
-    C = common_prefix(seq, attn, P) if m.share_prompts else 0
     gs = groups(seq, attn, pos, P, mask, mb, m.overhead, k, C)
     logp, ref_logp, exact_kl, values = [], [], [], []
     for g in gs:

@@ -306,9 +306,12 @@ def test_rollout_logprobs_are_the_actors_and_micro_batches_change_nothing(chain)
     # on its own: from its fourth token on, it is made to.
     calls = []
     eos = m.tok.eos_token_id
-    actor.lm_head.register_forward_hook(
-        lambda mod, args, out: out.index_add_(-1, torch.tensor([eos]), torch.full_like(
-            out[..., :1], 100.0 * (len(calls) > 3))) if not calls.append(1) else None)
+
+    def fourth_on(mod, args, out):    # counts generate()'s steps, not a shared prefix's pass
+        if len(out) == len(prompts):
+            calls.append(1)
+            out[..., eos] += 100.0 * (len(calls) > 3)
+    actor.lm_head.register_forward_hook(fourth_on)
     m = replace(m, actor=_Engine(actor))
     runs = {}
     for least in (0, 12):
@@ -495,18 +498,16 @@ def test_shared_prompts_and_prefixes_give_each_row_the_logits_and_gradients_of_i
         chain, monkeypatch):
     # A grpo/rloo group's prompt is encoded once and its keys and values repeated for its k
     # responses; the prefix every prompt starts with (a chat template's system turn) is encoded
-    # once a forward. The log-probs, the values, the RM's scores and the gradients through
+    # once a forward, and once for generate(). The log-probs, the values, the RM's scores and the gradients through
     # the shared parts must be those of separate copies.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     import stages.losses as L
     import stages.model
-    import stages.ppo
     from dataclasses import replace
     from stages.engine import Dist
     from stages.model import load_tokenizer
     from stages.ppo import Critic, Models, groups, response_logits, rollout
-    monkeypatch.setattr(stages.ppo, "PREFIX_MIN_SAVED", 0)    # share even a short prefix
-    monkeypatch.setattr(stages.model, "PREFIX_MIN_SAVED", 0)
+    monkeypatch.setattr(stages.model, "PREFIX_MIN_SAVED", 0)    # share even a short prefix
     _, store, _, _ = chain
     sft, rm = (store.get(store.resolve(f"tiny-{s}@latest")) for s in ("sft", "rm"))
     actor = AutoModelForCausalLM.from_pretrained(sft.local_path()).eval()
@@ -530,7 +531,8 @@ def test_shared_prompts_and_prefixes_give_each_row_the_logits_and_gradients_of_i
     assert b.k == 3 and b.C > 3 and b.mask.sum(1).unique().numel() > 1
     assert runs[3, False].k == 1 and runs[3, False].C == 0 and runs[1, True].C == b.C
     assert m.memo["ref"] and m.memo["reward"]          # the frozen models' prefixes, kept
-    for other in (runs[3, False], runs[1, True]):
+    for other in (runs[3, False], runs[1, True]):     # generate() prefilled the prefix once
+        assert torch.equal(b.resp, other.resp)
         for key in ("logp", "ref_logp", "exact_kl", "values", "raw", "adv"):
             assert torch.allclose(getattr(b, key), getattr(other, key), atol=1e-5), key
     assert rollout(m, prompts[1:] + prompts[:1], cfg, d, k=3).k == 1   # groups split: no share
