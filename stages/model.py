@@ -240,6 +240,7 @@ def length_groups(lengths: list[tuple[int, ...]], max_rows: int,
 # forward costs a forward's fixed overhead (~48 tokens' worth for SmolLM2-135M on 2 CPU cores,
 # measured in session 12) plus its tokens.
 PREFIX_MIN_SAVED = 64
+MEMO_PREFIXES = 4
 
 
 def worth_sharing(C: int, rows: int) -> bool:
@@ -269,6 +270,7 @@ def prefix_cache(model, ids, n: int, memo: dict | None, **kw):
     import torch
     key = tuple(ids.tolist())
     if memo is not None and key in memo:
+        memo[key] = memo.pop(key)           # the most recently used goes last
         cache = copy.deepcopy(memo[key])
     else:
         cache = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
@@ -276,6 +278,10 @@ def prefix_cache(model, ids, n: int, memo: dict | None, **kw):
                       use_cache=True, **kw).past_key_values
         if memo is not None:
             memo[key] = copy.deepcopy(cache)
+    # A few prefixes at most (a system prompt of 2k tokens is ~0.5 GB of keys and values on a
+    # 7B model); the least recently used go first.
+    while memo is not None and len(memo) > MEMO_PREFIXES:
+        memo.pop(next(iter(memo)))
     cache.batch_repeat_interleave(n)
     return cache
 
@@ -300,7 +306,7 @@ def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int =
     C = shared_prefix(ids) if share else 0
     scores = torch.zeros(len(ids), device=device)
     for g in length_groups([(len(x) - C,) for x in ids], batch, overhead):
-        c = C if worth_sharing(C, len(g)) else 0
+        c = C if memo is not None or worth_sharing(C, len(g)) else 0
         enc = tok.pad({"input_ids": [ids[i][c:] for i in g]}, return_tensors="pt").to(device)
         if c:
             n, width = enc["input_ids"].shape

@@ -206,7 +206,8 @@ class Group:
     """Rows of a batch that run in one forward, cut to the columns they need: the group's
     longest prompt (prompts are left-padded) and longest response (right-padded). k > 1: the
     rows come k to a prompt (a grpo/rloo group), each prompt encoded once for its k rows.
-    C > 0: every row's prompt starts with the same C tokens, encoded once for the group."""
+    C > 0: every row's prompt starts with the same C tokens, which response_logits may encode
+    once for the group."""
     rows: torch.Tensor          # [G] indices into the batch
     seq: torch.Tensor           # [G, P+R]
     attn: torch.Tensor
@@ -223,7 +224,7 @@ def groups(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, P: int,
     """A batch's forwards: rows of similar length together (model.length_groups), so a few long
     responses do not make every row compute their padding. k > 1: rows j*k .. j*k+k-1 share
     a prompt and stay together; a forward of u prompts then costs u x (prompt + k x response)
-    tokens. C: the prefix every row shares (common_prefix), used where it saves enough."""
+    tokens. C: the prefix every row shares (common_prefix)."""
     plen = attn[:, :P].sum(1).tolist()
     rlen = mask.sum(1).long().clamp(min=1).tolist()
     units = [list(range(j, j + k)) for j in range(0, len(plen), k)]
@@ -235,8 +236,7 @@ def groups(seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, P: int,
         g = [i for j in ug for i in units[j]]
         p, r = max(plen[i] for i in g), max(rlen[i] for i in g)
         rows, cols = torch.tensor(g, device=seq.device), slice(P - p, P + r)
-        c = C if worth_sharing(C, len(ug)) else 0
-        out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r, k, c))
+        out.append(Group(rows, seq[rows, cols], attn[rows, cols], pos[rows, cols], p, r, k, C))
     return out
 
 
@@ -263,7 +263,10 @@ def response_logits(model, g: Group, memo: dict | None = None) -> torch.Tensor:
       completion with its own copy of the prompt).
     With a shared prefix the rows keep their layout (left-padded prompts): columns [0, C)
     stand for the cached prefix, and what lies in a row before its own rest is masked."""
-    P, R, k, C = g.P, g.R, g.k, g.C
+    P, R, k = g.P, g.R, g.k
+    # A frozen model's prefix is kept (memo): free after its first forward. A trained one runs
+    # it in each forward: worth it only where that saves more than a forward costs.
+    C = g.C if memo is not None or worth_sharing(g.C, len(g.rows) // k) else 0
     attn, cache = g.attn, None
     if C:
         prefix, attn = behind_prefix(g.seq, g.attn, P, C)
@@ -824,7 +827,8 @@ def main(argv: list[str] | None = None) -> None:
             **({"critic/explained_variance": L.explained_variance(batch.values, batch.returns,
                                                                    mask)}
                if critic is not None else {}),
-            "perf/gen_tokens_per_s": float(mask.sum()) / max(batch.gen_s, 1e-9), **upd}, d)
+            "perf/gen_tokens_per_s": float(mask.sum()) / max(batch.gen_s, 1e-9),
+            "perf/shared_prefix_tokens": batch.C, **upd}, d)
         step_s = time.time() - t0
         row.update({"rl/beta": m.kl_ctl.beta, "perf/step_s": step_s,
                     "perf/generation_share": batch.gen_s / step_s,

@@ -58,6 +58,7 @@ def test_ppo_runs_and_exports_the_actor_with_both_parents(chain):
         assert k in perf[0], k
     # generate() is part of the rollout, which also scores: the shares say which is which.
     assert 0 < perf[0]["perf/generation_share"] < perf[0]["perf/rollout_share"] < 1
+    assert perf[0]["perf/shared_prefix_tokens"] > 0    # the chat template's opening, at least
     assert abs(first["rollout/kl"]) < 1e-5   # the actor starts as the reference
     assert "SFT on held-out prompts" in log and "greedy: RM reward" in log   # the headline
     out = subprocess.run([sys.executable, "-c",

@@ -102,6 +102,10 @@ def test_rm_scores_in_length_sorted_forwards_are_each_rows_own_and_keep_no_graph
         scores = rm_scores(model, tok, prompts[some], responses[some], batch=batch, memo=memo)
         assert torch.allclose(scores, alone[some], atol=1e-5), batch
     assert len(memo) == 2       # the template's turn opening; "Sort in ascending order: "
+    monkeypatch.setattr(stages.model, "MEMO_PREFIXES", 1)      # kept: the latest only
+    for some in (slice(1, None, 2), slice(None)):
+        scores = rm_scores(model, tok, prompts[some], responses[some], memo=memo)
+        assert torch.allclose(scores, alone[some], atol=1e-5) and len(memo) == 1
 
 
 def test_sft_with_lora_keeps_the_adapter_as_its_own_artifact(chain):
