@@ -31,7 +31,6 @@ export:   the actor as an HF causal LM whose manifest names both parents.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
