@@ -306,7 +306,7 @@ def rm_scores(model, tok, prompts: list[str], responses: list[str], batch: int =
     C = shared_prefix(ids) if share else 0
     scores = torch.zeros(len(ids), device=device)
     for g in length_groups([(len(x) - C,) for x in ids], batch, overhead):
-        c = C if memo is not None or worth_sharing(C, len(g)) else 0
+        c = C if worth_sharing(C, len(g)) else 0
         enc = tok.pad({"input_ids": [ids[i][c:] for i in g]}, return_tensors="pt").to(device)
         if c:
             n, width = enc["input_ids"].shape

@@ -263,9 +263,9 @@ def response_logits(model, g: Group, memo: dict | None = None) -> torch.Tensor:
     With a shared prefix the rows keep their layout (left-padded prompts): columns [0, C)
     stand for the cached prefix, and what lies in a row before its own rest is masked."""
     P, R, k = g.P, g.R, g.k
-    # A frozen model's prefix is kept (memo): free after its first forward. A trained one runs
-    # it in each forward: worth it only where that saves more than a forward costs.
-    C = g.C if memo is not None or worth_sharing(g.C, len(g.rows) // k) else 0
+    # Only where it saves more than a forward costs (a frozen model's kept prefix is free after
+    # its first forward, but a prefix of a few rows would only push a common one out of memo).
+    C = g.C if worth_sharing(g.C, len(g.rows) // k) else 0
     attn, cache = g.attn, None
     if C:
         prefix, attn = behind_prefix(g.seq, g.attn, P, C)

@@ -53,3 +53,14 @@ def partitions(items):
         yield [[first]] + p
         for i in range(len(p)):
             yield p[:i] + [[first] + p[i]] + p[i + 1:]
+
+
+def test_a_shared_prefix_leaves_each_row_a_token_and_is_shared_only_where_it_saves_a_forward():
+    from stages.model import PREFIX_MIN_SAVED, shared_prefix, worth_sharing
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2        # the last token stays each row's
+    assert shared_prefix([[4, 2], [5, 2]]) == 0
+    assert shared_prefix([[7]]) == 0 and shared_prefix([]) == 0
+    assert worth_sharing(24, 8)                               # SmolLM2's system turn, 8 rows
+    assert not worth_sharing(24, 1) and not worth_sharing(0, 100)
+    assert worth_sharing(PREFIX_MIN_SAVED, 2) and not worth_sharing(PREFIX_MIN_SAVED - 1, 2)
