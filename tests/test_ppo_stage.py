@@ -499,8 +499,8 @@ def test_shared_prompts_and_prefixes_give_each_row_the_logits_and_gradients_of_i
         chain, monkeypatch):
     # A grpo/rloo group's prompt is encoded once and its keys and values repeated for its k
     # responses; the prefix every prompt starts with (a chat template's system turn) is encoded
-    # once a forward, and once for generate(). The log-probs, the values, the RM's scores and the gradients through
-    # the shared parts must be those of separate copies.
+    # once a forward, and once for generate(). The responses, log-probs, values, RM scores and
+    # the gradients through the shared parts must be those of separate copies.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     import stages.losses as L
     import stages.model
