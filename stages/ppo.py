@@ -299,9 +299,8 @@ def lockstep(m: "Models", d: E.Dist) -> bool:
     """Whether every rank must run as many forwards as the others: ZeRO-3 on several ranks
     gathers each layer's weights collectively (trained engines under a zero3 template, frozen
     ones under frozen_offload)."""
-    engines = [getattr(m, name, None) for name in ("actor", "critic", "ref", "reward")]
     return d.world > 1 and any(e is not None and e.zero_optimization_stage() == 3
-                               for e in engines)
+                               for e in (m.actor, m.critic, m.ref, m.reward))
 
 
 def forward_cost(m: "Models", cfg: PPOConfig, d: E.Dist) -> tuple[float, str]:

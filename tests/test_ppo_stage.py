@@ -480,6 +480,7 @@ def test_forwards_are_the_fewest_unless_configured_and_always_under_zero3_on_sev
 
     class M:
         actor = Engine()
+        critic = ref = reward = None
     cpu = torch.device("cpu")
     one, two = (Dist(rank=0, world=w, local_rank=0, device=cpu) for w in (1, 2))
     default = load_config(PPOConfig, REPO / "configs" / "tiny" / "ppo.yaml", [])
