@@ -5,6 +5,7 @@ and, with --peer, the step time of TRL's trainer on the same models and batch, s
                                              [--skip 2] [k=v ...]
     .venv/bin/python bench/ppo_throughput.py --peer trl-ppo  [--rounds 3] [k=v ...]
     .venv/bin/python bench/ppo_throughput.py --peer trl-grpo [--rounds 3] [k=v ...]
+    ... --peer trl-ppo --peer-weights fp32 deepspeed.precision=bf16     # like for like in bf16
 
 Runs the stage under the deepspeed launcher (forced, so it trains even if the inputs are
 unchanged) on the actor and reward model its config names; run the demo first
@@ -21,6 +22,10 @@ deepspeed.precision; bf16 runs on a CPU with AVX512-BF16 or AMX), and the same t
 rollout.min_new_tokens=N no response on either side ends before N tokens (the peer by
 min_new_tokens too), so a "32 new tokens" run with N = 32 generates and trains on 32 tokens a
 response on both sides, not until an early EOS.
+In bf16, --peer-weights says how the peer keeps its weights: "bf16" (TRL's fastest: the model
+loaded in bf16, no fp32 master weights, so AdamW's updates below half a bf16 ulp are lost) or
+"fp32" (bf16 autocast over fp32 weights, fp32 master weights as ours). The peer reports the
+share of its policy's weights the run changed (`peer_weights_changed` in each round).
 The two alternate, --rounds times (the order flips each round, so a machine that drifts is
 shared out), and the figures are medians over rounds of each round's median step. Writes
 bench/results/ppo_vs_<peer>[-<label>]-<device>.json. A script, not a test.
@@ -115,7 +120,7 @@ def peer_spec(args, cfg, art, home: str) -> dict:
             "group_size": cfg.ppo.group_size, "lr": cfg.optim.lr, "kl_coef": cfg.kl.coef,
             "temperature": cfg.rollout.temperature, "steps": args.steps,
             "seed": cfg.run.seed, "precision": precision(cfg.deepspeed),
-            "min_new_tokens": cfg.rollout.min_new_tokens}
+            "min_new_tokens": cfg.rollout.min_new_tokens, "peer_weights": args.peer_weights}
 
 
 def throughput(args) -> None:
@@ -177,6 +182,8 @@ def side_by_side(args) -> None:
               "temperature": cfg.rollout.temperature, "threads": int(threads),
               "precision": precision(cfg.deepspeed),
               "min_new_tokens": cfg.rollout.min_new_tokens,
+              "peer_weights": args.peer_weights if precision(cfg.deepspeed) == "bf16"
+              else "fp32",
               "steps_per_run": args.steps, "skipped_steps": args.skip}
     rounds = []
     spec = None
@@ -193,6 +200,7 @@ def side_by_side(args) -> None:
         peer_s = statistics.median(got["peer"]["step_s"][args.skip:])
         rounds.append({"order": list(order), "ours_step_s": ours_s, "peer_step_s": peer_s,
                        "ratio": peer_s / ours_s, "peer_threads": got["peer"]["threads"],
+                       "peer_weights_changed": got["peer"]["weights_changed"],
                        "ours_response_length": statistics.median(
                            row["rollout/response_length"] for row in got["ours"][0])})
         print(f"  round {r + 1}: ours {ours_s:.3f} s/step, {args.peer} "
@@ -222,6 +230,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="--peer: PPO epochs on both sides")
     ap.add_argument("--threads", type=int, default=0, help="--peer: 0 = one per core")
     ap.add_argument("--label", default="", help="--peer: names the result file's config")
+    ap.add_argument("--peer-weights", choices=["bf16", "fp32"], default="bf16",
+                    help="--peer in bf16: the peer's weights in bf16 (no fp32 master weights, "
+                         "TRL's fastest) or fp32 under bf16 autocast (master weights, as ours)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()

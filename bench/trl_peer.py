@@ -61,16 +61,33 @@ def common_args(spec: dict, out_dir: str) -> dict:
 
 
 def load(cls, path: str, spec: dict):
-    """A model in the run's precision. bf16: weights loaded in bf16 as well as bf16 autocast
-    (TRL's documented model_init_kwargs dtype=bfloat16 with bf16=True), the fastest way TRL
-    trains in bf16: no fp32 master weights, where ours keep them. min_new_tokens: no EOS
-    before it, as ours with rollout.min_new_tokens (set on the model's generation config,
-    which both trainers' generation configs inherit)."""
-    model = cls.from_pretrained(path, dtype="bfloat16" if spec["precision"] == "bf16"
-                                else "float32")
+    """A model in the run's precision. bf16 with peer_weights "bf16": weights loaded in bf16
+    as well as bf16 autocast (TRL's documented model_init_kwargs dtype=bfloat16 with
+    bf16=True), the fastest way TRL trains in bf16, with no fp32 master weights: AdamW then
+    updates bf16 weights, and an update below half a bf16 ulp is lost. peer_weights "fp32":
+    fp32 weights under bf16 autocast (bf16=True, Accelerate's mixed precision), fp32 master
+    weights as ours keep. min_new_tokens: no EOS before it, as ours with
+    rollout.min_new_tokens (set on the model's generation config, which both trainers'
+    generation configs inherit)."""
+    bf16_weights = spec["precision"] == "bf16" and spec["peer_weights"] == "bf16"
+    model = cls.from_pretrained(path, dtype="bfloat16" if bf16_weights else "float32")
     if spec["min_new_tokens"] and getattr(model, "generation_config", None) is not None:
         model.generation_config.min_new_tokens = spec["min_new_tokens"]
     return model
+
+
+class Moved:
+    """What share of a model's weights (elements) training changed: a copy of the weights
+    as loaded, compared with the model after the run."""
+
+    def __init__(self, model):
+        self.model = model
+        self.before = [p.detach().clone() for p in model.parameters()]
+
+    def share(self) -> float:
+        changed = sum((p.detach() != b).sum().item()
+                      for p, b in zip(self.model.parameters(), self.before))
+        return changed / sum(b.numel() for b in self.before)
 
 
 def run_ppo(spec: dict, tok, texts: list[str], out_dir: str):
@@ -95,8 +112,9 @@ def run_ppo(spec: dict, tok, texts: list[str], out_dir: str):
                     num_ppo_epochs=spec["epochs"], kl_coef=spec["kl_coef"],
                     missing_eos_penalty=1.0, num_sample_generations=0)
     clock = step_clock()
-    trainer = PPOTrainer(args=cfg, processing_class=tok,
-                         model=load(AutoModelForCausalLM, spec["actor"], spec),
+    policy = load(AutoModelForCausalLM, spec["actor"], spec)
+    moved = Moved(policy)
+    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy,
                          ref_model=load(AutoModelForCausalLM, spec["actor"], spec),
                          reward_model=load(AutoModelForSequenceClassification, spec["reward"],
                                            spec),
@@ -104,7 +122,7 @@ def run_ppo(spec: dict, tok, texts: list[str], out_dir: str):
                                           spec),
                          train_dataset=ds, callbacks=[clock])
     trainer.train()
-    return clock, 1
+    return clock, 1, moved.share()
 
 
 def run_grpo(spec: dict, tok, texts: list[str], out_dir: str):
@@ -123,12 +141,14 @@ def run_grpo(spec: dict, tok, texts: list[str], out_dir: str):
                          "min_new_tokens"]} if spec["min_new_tokens"] else None)
     rm = load(AutoModelForSequenceClassification, spec["reward"], spec)
     clock = step_clock()
-    trainer = GRPOTrainer(model=load(AutoModelForCausalLM, spec["actor"], spec),
+    policy = load(AutoModelForCausalLM, spec["actor"], spec)
+    moved = Moved(policy)
+    trainer = GRPOTrainer(model=policy,
                           reward_funcs=[rm], reward_processing_classes=[tok], args=cfg,
                           train_dataset=Dataset.from_dict({"prompt": texts}),
                           processing_class=tok, callbacks=[clock])
     trainer.train()
-    return clock, per_gen * spec["epochs"]
+    return clock, per_gen * spec["epochs"], moved.share()
 
 
 def main() -> None:
@@ -145,13 +165,14 @@ def main() -> None:
     texts = prompt_texts(spec, tok)
     with tempfile.TemporaryDirectory(prefix="alignflow-peer-") as tmp:
         run = run_ppo if spec["peer"] == "trl-ppo" else run_grpo
-        clock, per_step = run(spec, tok, texts, tmp)
+        clock, per_step, weights_changed = run(spec, tok, texts, tmp)
     # One alignflow step = per_step TRL steps; the first step's time counts from train begin.
     ends = [clock.begin] + clock.ends[per_step - 1::per_step]
     steps = [b - a for a, b in zip(ends, ends[1:])]
     Path(args.out).write_text(json.dumps({"peer": spec["peer"], "trl": trl.__version__,
                                           "threads": torch.get_num_threads(),
-                                          "step_s": steps}))
+                                          "step_s": steps,
+                                          "weights_changed": weights_changed}))
 
 
 if __name__ == "__main__":
