@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -58,9 +57,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.cat(out)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def by_positions(fn, *logits: torch.Tensor, chunk_elements: int = 1 << 18) -> torch.Tensor:
+    """fn over [n, vocab] float32 slices of same-shaped [..., vocab] logits, a few positions at
+    a time (at most `chunk_elements` logits each): the elementwise passes over a vocabulary
+    stay in cache, and bf16 logits are widened a slice at a time, never all at once."""
+    flat = [x.flatten(0, -2) for x in logits]
+    rows = max(1, chunk_elements // max(flat[0].shape[-1], 1))
+    out = [fn(*(x[i:i + rows].float() for x in flat)) for i in range(0, flat[0].shape[0], rows)]
+    return torch.cat(out).reshape(logits[0].shape[:-1])
+
+
+def entropy(logits: torch.Tensor, chunk_elements: int = 1 << 18) -> torch.Tensor:
+    """Per-position entropy of softmax(logits): lse(x) - sum p x."""
+    def h(x):
+        lse = torch.logsumexp(x, -1, keepdim=True)
+        return (lse - ((x - lse).exp_() * x).sum(-1, keepdim=True)).squeeze(-1)
+    return by_positions(h, logits, chunk_elements=chunk_elements)
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -75,11 +87,15 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
     raise ValueError(f"unknown KL estimator {estimator!r}; use k1 or k3")
 
 
-def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor,
+             chunk_elements: int = 1 << 18) -> torch.Tensor:
     """Per-position KL(pi || ref) summed over the vocabulary: exact, never negative, and valid
-    for any decoded tokens (greedy evaluation), unlike the sample-based estimators."""
-    logp, ref = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
-    return (logp.exp() * (logp - ref)).sum(-1)
+    for any decoded tokens (greedy evaluation), unlike the sample-based estimators. As
+    sum p (x - y) - lse(x) + lse(y) with p = softmax(x): neither side's log-softmax is held."""
+    def kl(x, y):
+        lse_x, lse_y = torch.logsumexp(x, -1, keepdim=True), torch.logsumexp(y, -1, keepdim=True)
+        return (((x - lse_x).exp_() * (x - y)).sum(-1, keepdim=True) - lse_x + lse_y).squeeze(-1)
+    return by_positions(kl, logits, ref_logits, chunk_elements=chunk_elements)
 
 
 def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,

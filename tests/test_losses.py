@@ -77,6 +77,11 @@ def test_whiten_and_masked_stats():
 def test_entropy_and_logprobs():
     logits = torch.log(T([[[0.5, 0.25, 0.25]]]))
     assert L.entropy(logits).item() == pytest.approx(1.5 * math.log(2))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 9, generator=g) * 3
+    logp = torch.log_softmax(x, -1)
+    for chunk in (9, 27, 1 << 20):     # a few positions at a time or all at once
+        assert torch.allclose(L.entropy(x, chunk), -(logp.exp() * logp).sum(-1), atol=1e-5)
     assert L.token_logprobs(logits, T([[0]])).item() == pytest.approx(math.log(0.5))
     # temperature 2 flattens: softmax(log p / 2) ~ sqrt(p)
     p = torch.sqrt(T([0.5, 0.25, 0.25]))
@@ -113,6 +118,19 @@ def test_exact_kl():
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert L.exact_kl(p, q).item() == pytest.approx(expected)
     assert L.exact_kl(p, p).item() == pytest.approx(0.0)
+    # A few rows at a time or all at once, float32 or bf16 logits: KL's definition.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
+    logp, logq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
+    want = (logp.exp() * (logp - logq)).sum(-1)
+    x0 = x.clone()
+    for chunk in (11, 33, 1 << 20):
+        assert torch.allclose(L.exact_kl(x, y, chunk_elements=chunk), want, atol=1e-5)
+    assert torch.equal(x, x0)                           # the caller's logits left as they were
+    xb, yb = x.bfloat16(), y.bfloat16()
+    logp, logq = torch.log_softmax(xb.float(), -1), torch.log_softmax(yb.float(), -1)
+    assert torch.allclose(L.exact_kl(xb, yb, chunk_elements=22),
+                          (logp.exp() * (logp - logq)).sum(-1), atol=1e-5)
 
 
 def test_whitening_over_ranks_uses_the_whole_batch():
