@@ -63,7 +63,8 @@ def by_positions(fn, *logits: torch.Tensor, chunk_elements: int = 1 << 18) -> to
     stay in cache, and bf16 logits are widened a slice at a time, never all at once."""
     flat = [x.flatten(0, -2) for x in logits]
     rows = max(1, chunk_elements // max(flat[0].shape[-1], 1))
-    out = [fn(*(x[i:i + rows].float() for x in flat)) for i in range(0, flat[0].shape[0], rows)]
+    n = flat[0].shape[0]
+    out = [fn(*(x[i:i + rows].float() for x in flat)) for i in range(0, max(n, 1), rows)]
     return torch.cat(out).reshape(logits[0].shape[:-1])
 
 

@@ -118,7 +118,7 @@ def test_exact_kl():
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert L.exact_kl(p, q).item() == pytest.approx(expected)
     assert L.exact_kl(p, p).item() == pytest.approx(0.0)
-    # A few rows at a time or all at once, float32 or bf16 logits: KL's definition.
+    # A few positions at a time or all at once, float32 or bf16 logits: KL's definition.
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 5, 11, generator=g) * 3, torch.randn(3, 5, 11, generator=g) * 3
     logp, logq = torch.log_softmax(x, -1), torch.log_softmax(y, -1)
@@ -131,6 +131,8 @@ def test_exact_kl():
     logp, logq = torch.log_softmax(xb.float(), -1), torch.log_softmax(yb.float(), -1)
     assert torch.allclose(L.exact_kl(xb, yb, chunk_elements=22),
                           (logp.exp() * (logp - logq)).sum(-1), atol=1e-5)
+    assert L.exact_kl(x[:, :0], y[:, :0]).shape == (3, 0)    # no positions: no KL, no error
+    assert L.entropy(x[:, :0]).shape == (3, 0)
 
 
 def test_whitening_over_ranks_uses_the_whole_batch():
