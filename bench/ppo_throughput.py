@@ -107,7 +107,7 @@ def run_peer(peer: str, spec: dict, env: dict) -> dict:
         return json.loads(out.read_text())
 
 
-def peer_spec(args, cfg, art, home: str) -> dict:
+def peer_spec(args, cfg, art, home: str, weights: str) -> dict:
     """What the peer gets: the models and prompts our run resolved, and the shared settings."""
     from stages.engine import precision
     roles = {p["role"]: p["digest"] for p in art.parents}
@@ -120,7 +120,7 @@ def peer_spec(args, cfg, art, home: str) -> dict:
             "group_size": cfg.ppo.group_size, "lr": cfg.optim.lr, "kl_coef": cfg.kl.coef,
             "temperature": cfg.rollout.temperature, "steps": args.steps,
             "seed": cfg.run.seed, "precision": precision(cfg.deepspeed),
-            "min_new_tokens": cfg.rollout.min_new_tokens, "peer_weights": args.peer_weights}
+            "min_new_tokens": cfg.rollout.min_new_tokens, "peer_weights": weights}
 
 
 def throughput(args) -> None:
@@ -183,7 +183,7 @@ def side_by_side(args) -> None:
               "precision": precision(cfg.deepspeed),
               "min_new_tokens": cfg.rollout.min_new_tokens,
               "peer_weights": args.peer_weights if precision(cfg.deepspeed) == "bf16"
-              else "fp32",
+              else "fp32",   # the peer's weights: only bf16 runs have a choice
               "steps_per_run": args.steps, "skipped_steps": args.skip}
     rounds = []
     spec = None
@@ -193,7 +193,8 @@ def side_by_side(args) -> None:
         for who in order:
             if who == "ours":
                 got["ours"] = run_ours(args, ours_over, home, env)
-                spec = spec or peer_spec(args, cfg, got["ours"][1], home)
+                spec = spec or peer_spec(args, cfg, got["ours"][1], home,
+                                          config["peer_weights"])
             else:
                 got["peer"] = run_peer(args.peer, spec, env)
         ours_s = statistics.median(row["perf/step_s"] for row in got["ours"][0])

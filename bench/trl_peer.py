@@ -61,16 +61,16 @@ def common_args(spec: dict, out_dir: str) -> dict:
 
 
 def load(cls, path: str, spec: dict):
-    """A model in the run's precision. bf16 with peer_weights "bf16": weights loaded in bf16
-    as well as bf16 autocast (TRL's documented model_init_kwargs dtype=bfloat16 with
-    bf16=True), the fastest way TRL trains in bf16, with no fp32 master weights: AdamW then
-    updates bf16 weights, and an update below half a bf16 ulp is lost. peer_weights "fp32":
-    fp32 weights under bf16 autocast (bf16=True, Accelerate's mixed precision), fp32 master
+    """A model with its weights in spec["peer_weights"] (fp32 unless a bf16 run asked for
+    bf16). bf16 weights under bf16=True's autocast (TRL's documented model_init_kwargs
+    dtype=bfloat16 with bf16=True) are the fastest way TRL trains in bf16, with no fp32 master
+    weights: AdamW updates bf16 weights, and an update below half a bf16 ulp is lost. fp32
+    weights in a bf16 run: bf16 autocast over them (Accelerate's mixed precision), fp32 master
     weights as ours keep. min_new_tokens: no EOS before it, as ours with
     rollout.min_new_tokens (set on the model's generation config, which both trainers'
     generation configs inherit)."""
-    bf16_weights = spec["precision"] == "bf16" and spec["peer_weights"] == "bf16"
-    model = cls.from_pretrained(path, dtype="bfloat16" if bf16_weights else "float32")
+    model = cls.from_pretrained(path, dtype="bfloat16" if spec["peer_weights"] == "bf16"
+                                else "float32")
     if spec["min_new_tokens"] and getattr(model, "generation_config", None) is not None:
         model.generation_config.min_new_tokens = spec["min_new_tokens"]
     return model
